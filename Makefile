@@ -1,0 +1,42 @@
+# stepfleet — two commands on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU wheel of torch 2.13.0 is what this project's machines install from disk; install it
+# first so nothing resolves a CUDA build. GPU users bring their own torch (any 2.x the range allows).
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-all lint bench-engine bench-engine-quick clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/python -m stepfleet.serving.demo --out demo.png
+
+test: install
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-all: install
+	$(BIN)/python -m pytest -q -m '' $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check stepfleet serving operator tests
+	$(BIN)/lint-imports
+
+bench-engine: install
+	$(BIN)/stepfleet bench engine --json > docs/results/bench-engine.json
+
+bench-engine-quick: install
+	$(BIN)/stepfleet bench engine --json --quick
+
+clean:
+	rm -rf $(VENV) build *.egg-info demo.png

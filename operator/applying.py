@@ -1,0 +1,108 @@
+"""Create-or-patch of one child, idempotently, with a three-way merge like `kubectl apply`.
+
+The last manifest the operator applied is kept in an annotation. A child is left alone when
+that record equals the new desired manifest *and* the live object still contains it (so a
+hand edit of a managed field is reverted). Otherwise it is merge-patched with the desired
+manifest plus explicit nulls for fields the operator set before and no longer wants, which
+a plain merge patch would leave behind (e.g. a nodeSelector key of a removed NodePool).
+
+Pure functions, except `apply`, which takes the client.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+from stepfleet.operator import kube, names
+
+
+def contains(live: Any, desired: Any) -> bool:
+    """Whether `live` has every field of `desired` (server-side defaults may add more)."""
+    if isinstance(desired, dict):
+        return isinstance(live, dict) and all(k in live and contains(live[k], v) for k, v in desired.items())
+    if isinstance(desired, list):
+        return isinstance(live, list) and len(live) == len(desired) and all(map(contains, live, desired))
+    return live == desired
+
+
+def removals(last: Any, desired: Any) -> Any:
+    """A merge-patch fragment nulling the keys present in `last` but gone from `desired`."""
+    if not isinstance(last, dict) or not isinstance(desired, dict):
+        return None
+    out: dict[str, Any] = {}
+    for key, old in last.items():
+        if key not in desired:
+            out[key] = None
+        else:
+            sub = removals(old, desired[key])
+            if sub:
+                out[key] = sub
+    return out or None
+
+
+def merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """RFC 7386 merge (used to fold the removals into the desired manifest)."""
+    out = copy.deepcopy(base)
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _record(desired: dict[str, Any]) -> str:
+    return json.dumps(desired, sort_keys=True, separators=(",", ":"))
+
+
+def with_record(desired: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(desired)
+    out["metadata"].setdefault("annotations", {})[names.ANNOTATION_APPLIED] = _record(desired)
+    return out
+
+
+def plan(live: dict[str, Any] | None, desired: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
+    """("create", body) | ("patch", merge patch) | ("none", None) for one child."""
+    if live is None:
+        return "create", with_record(desired)
+    raw = (live.get("metadata", {}).get("annotations") or {}).get(names.ANNOTATION_APPLIED)
+    try:
+        last = json.loads(raw) if raw else None
+    except ValueError:
+        last = None
+    if last == desired and contains(live, desired):
+        return "none", None
+    body = with_record(desired)
+    gone = removals(last, desired) if last else None
+    if gone:
+        body = _overlay_nulls(body, gone)
+    return "patch", body
+
+
+def _overlay_nulls(body: dict[str, Any], gone: dict[str, Any]) -> dict[str, Any]:
+    out = dict(body)
+    for key, value in gone.items():
+        if value is None:
+            out[key] = None
+        elif isinstance(out.get(key), dict):
+            out[key] = _overlay_nulls(out[key], value)
+    return out
+
+
+def apply(client: kube.Client, desired: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Bring one child to `desired`; returns (action, live object afterwards)."""
+    kind = kube.kind_of(desired)
+    meta = desired["metadata"]
+    live = client.get(kind, meta.get("namespace"), meta["name"])
+    action, body = plan(live, desired)
+    if action == "create":
+        return action, client.create(body)  # a 409 (created meanwhile) is retried by the caller
+    if action == "patch":
+        assert body is not None
+        return action, client.patch(kind, meta.get("namespace"), meta["name"], body)
+    assert live is not None
+    return action, live

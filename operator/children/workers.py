@@ -1,0 +1,207 @@
+"""A worker pool's Deployment, Service and PodDisruptionBudget.
+
+The pod template carries everything that should roll the pool when it changes: image, model,
+device backend and counts. Things that should *not* restart workers (router weights) live
+elsewhere. Probes are split: `/healthz` for liveness, `/readyz` for readiness, and a
+generous startup probe, because loading a diffusion model onto an accelerator (or compiling
+it for Neuron or XLA) takes minutes and must not be mistaken for a hung process.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from stepfleet.operator import accelerators, names
+from stepfleet.operator.children.common import (
+    CONTAINER_SECURITY,
+    POD_SECURITY,
+    Manifest,
+    Observed,
+    Owner,
+    http_probe,
+    metadata,
+    resources,
+)
+from stepfleet.operator.models import DiffusionServiceSpec, PoolSpec
+from stepfleet.operator.validation import ModelSource, parse_source
+
+MODEL_MOUNT = "/models"
+CACHE_MOUNT = "/cache"
+#: Startup allowance: 60 x 10 s = 10 minutes to load or compile a model before liveness applies.
+STARTUP_PERIOD_S, STARTUP_FAILURES = 10, 60
+
+_DEFAULT_RESOURCES = {
+    "nvidia-gpu": {"requests": {"cpu": "3", "memory": "12Gi"}, "limits": {"memory": "12Gi"}},
+    "aws-neuron": {"requests": {"cpu": "3", "memory": "12Gi"}, "limits": {"memory": "12Gi"}},
+    "google-tpu": {"requests": {"cpu": "8", "memory": "32Gi"}, "limits": {"memory": "32Gi"}},
+    "cpu": {"requests": {"cpu": "2", "memory": "4Gi"}, "limits": {"memory": "4Gi"}},
+}
+
+
+def initial_replicas(pool: PoolSpec, current: int | None) -> int:
+    """Replicas to write: keep the control loop's choice, clamped into the spec's bounds."""
+    if current is None:
+        return pool.min_replicas
+    return max(pool.min_replicas, min(pool.max_replicas, current))
+
+
+def _model_arg(source: ModelSource) -> str:
+    if source.scheme == "pvc":
+        return f"{MODEL_MOUNT}/{source.location}".rstrip("/")
+    # Builtins (`tiny-sd`) and hub ids are passed as-is: the worker resolves both itself.
+    return source.location
+
+
+def _node_placement(owner: Owner, pool: PoolSpec) -> tuple[dict[str, str], list[dict[str, Any]]]:
+    """nodeSelector and tolerations for a pool's pods."""
+    acc = pool.accelerator
+    mapping = accelerators.DEVICES[acc.type]
+    selector: dict[str, str] = {}
+    if pool.node_pool is not None:
+        selector[accelerators.KARPENTER_NODEPOOL_LABEL] = names.nodepool(owner.namespace, owner.name, pool.name)
+    if acc.type == "google-tpu":
+        selector[accelerators.TPU_ACCELERATOR_LABEL] = acc.model or ""
+        selector[accelerators.TPU_TOPOLOGY_LABEL] = acc.topology or ""
+    selector.update(pool.node_selector)
+    tolerations: list[dict[str, Any]] = []
+    if mapping.taint_key:
+        tolerations.append({"key": mapping.taint_key, "operator": "Exists", "effect": "NoSchedule"})
+    tolerations += [t.model_dump(by_alias=True, exclude_none=True) for t in pool.tolerations]
+    return selector, tolerations
+
+
+def worker_command(spec: DiffusionServiceSpec, pool: PoolSpec) -> list[str]:
+    """The worker's argv (the `stepfleet worker` contract with the data plane)."""
+    source = parse_source(spec.model.source)
+    assert not isinstance(source, str), "validated before building"
+    backend = accelerators.DEVICES[pool.accelerator.type].backend
+    return [
+        "stepfleet", "worker",
+        "--model", _model_arg(source),
+        "--port", str(names.WORKER_PORT),
+        "--max-batch", str(pool.max_batch or spec.serving.max_batch),
+        "--device", backend,
+        "--pool", pool.name,
+        "--template-cache-bytes", str(spec.serving.template_cache_bytes),
+    ]
+
+
+def deployment(owner: Owner, spec: DiffusionServiceSpec, pool: PoolSpec, observed: Observed) -> Manifest:
+    acc = pool.accelerator
+    mapping = accelerators.DEVICES[acc.type]
+    source = parse_source(spec.model.source)
+    assert not isinstance(source, str), "validated before building"
+    name = names.worker(owner.name, pool.name)
+    labels = names.worker_labels(owner.name, pool.name)
+    selector, tolerations = _node_placement(owner, pool)
+
+    res = resources(pool.resources, _DEFAULT_RESOURCES[acc.type])
+    resource_name = acc.resource_name or mapping.resource_name
+    if resource_name and acc.devices:
+        res.setdefault("requests", {})[resource_name] = str(acc.devices)
+        res.setdefault("limits", {})[resource_name] = str(acc.devices)
+
+    env = [
+        {"name": "HF_HOME", "value": f"{CACHE_MOUNT}/hf"},
+        {"name": "STEPFLEET_SERVICE", "value": owner.name},
+        {"name": "STEPFLEET_POOL", "value": pool.name},
+        {"name": "STEPFLEET_MODEL_FAMILY", "value": spec.model.family},
+        {"name": "STEPFLEET_DTYPE", "value": "float32" if acc.type == "cpu" else spec.model.dtype},
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+    ]
+    if spec.model.revision:
+        env.append({"name": "STEPFLEET_MODEL_REVISION", "value": spec.model.revision})
+
+    volumes: list[dict[str, Any]] = [
+        {"name": "tmp", "emptyDir": {}},
+        {"name": "cache", "emptyDir": {}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "cache", "mountPath": CACHE_MOUNT},
+    ]
+    if source.scheme == "pvc":
+        volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": source.claim, "readOnly": True}})
+        mounts.append({"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True})
+
+    container: dict[str, Any] = {
+        "name": "worker",
+        "image": pool.image or spec.serving.image or names.default_image(mapping.image_flavour),
+        "imagePullPolicy": "IfNotPresent",
+        "command": worker_command(spec, pool),
+        "ports": [{"name": "http", "containerPort": names.WORKER_PORT, "protocol": "TCP"}],
+        "env": env,
+        "resources": res,
+        "readinessProbe": http_probe("/readyz", period=5, failures=3),
+        "livenessProbe": http_probe("/healthz", period=10, failures=6),
+        "startupProbe": http_probe("/healthz", period=STARTUP_PERIOD_S, failures=STARTUP_FAILURES),
+        "securityContext": dict(CONTAINER_SECURITY),
+        "volumeMounts": mounts,
+    }
+    pod_spec: dict[str, Any] = {
+        "securityContext": dict(POD_SECURITY),
+        "terminationGracePeriodSeconds": 60,
+        "enableServiceLinks": False,
+        "automountServiceAccountToken": False,
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if selector:
+        pod_spec["nodeSelector"] = selector
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": metadata(owner, name, labels),
+        "spec": {
+            "replicas": initial_replicas(pool, observed.replicas.get(pool.name)),
+            "selector": {"matchLabels": names.worker_selector(owner.name, pool.name)},
+            # Surge one at a time and never drop below the current count: accelerators are scarce
+            # and a new replica spends minutes loading the model before it can serve.
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "template": {
+                "metadata": {
+                    "labels": labels,
+                    "annotations": {
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": str(names.WORKER_PORT),
+                        "prometheus.io/path": "/metrics",
+                    },
+                },
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def service(owner: Owner, pool: PoolSpec) -> Manifest:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(owner, names.worker(owner.name, pool.name), names.worker_labels(owner.name, pool.name)),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": names.worker_selector(owner.name, pool.name),
+            "ports": [{"name": "http", "port": names.WORKER_PORT, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def disruption_budget(owner: Owner, pool: PoolSpec) -> Manifest:
+    """At most one worker of a pool voluntarily evicted at a time (node drains, consolidation)."""
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": metadata(owner, names.worker(owner.name, pool.name), names.worker_labels(owner.name, pool.name)),
+        "spec": {
+            "maxUnavailable": 1,
+            "selector": {"matchLabels": names.worker_selector(owner.name, pool.name)},
+        },
+    }
+
+
+def pool_url(owner: Owner, pool_name: str) -> str:
+    """In-cluster URL of a pool's Service (what the router dials)."""
+    return f"http://{names.worker(owner.name, pool_name)}.{owner.namespace}.svc.cluster.local:{names.WORKER_PORT}"

@@ -1,0 +1,124 @@
+"""kopf wiring: which events run which reconcile step, with which retry settings.
+
+Handlers are registered on an explicit registry by `register`, not at import time, so
+the CLI, tests and an embedding program each get their own operator with their own client
+and settings. All handlers are sync: kopf runs them in worker threads, and the sync client
+may then call an API server that shares the event loop (as the test emulator does).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import kopf
+
+from stepfleet.operator import kube, names, reconcile
+from stepfleet.operator.models import API_GROUP, API_VERSION, PLURAL
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    """Timing knobs; production defaults, tests shrink them."""
+
+    #: Seconds before a failed reconcile is retried (conflicts, 5xx, timeouts).
+    retry_backoff_s: float = 10.0
+    #: Backoffs (seconds) of kopf's own API calls (watch, patch) after a failure.
+    api_error_backoffs: tuple[float, ...] = (1.0, 2.0, 5.0, 10.0)
+    #: Seconds before a broken watch stream is re-established.
+    watch_reconnect_s: float = 1.0
+    #: Server-side watch timeout (seconds); kopf re-lists after it, which heals missed events.
+    watch_server_timeout_s: float | None = 300.0
+    #: Threads running sync handlers.
+    workers: int = 4
+
+
+def configure(settings: kopf.OperatorSettings, config: OperatorConfig) -> None:
+    """Apply our storage and timing choices to kopf's settings."""
+    settings.persistence.finalizer = names.FINALIZER
+    # Handler progress in annotations only: status stays ours alone.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kopf.stepfleet.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="kopf.stepfleet.io")
+    settings.networking.error_backoffs = list(config.api_error_backoffs)
+    settings.watching.reconnect_backoff = config.watch_reconnect_s
+    settings.watching.server_timeout = config.watch_server_timeout_s
+    settings.execution.max_workers = config.workers
+    settings.posting.level = logging.WARNING
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _post(client: kube.Client, events: list[dict[str, Any]], logger: Any) -> None:
+    """Events are best-effort: losing one must never fail or repeat a reconcile."""
+    for event in events:
+        try:
+            client.post_event(event)
+        except kube.ApiError as exc:
+            logger.warning("could not post event %s: %s", event.get("reason"), exc)
+
+
+def _temporary(exc: kube.ApiError, config: OperatorConfig) -> kopf.TemporaryError:
+    return kopf.TemporaryError(f"API error, will retry: {exc}", delay=config.retry_backoff_s)
+
+
+def register(
+    registry: kopf.OperatorRegistry,
+    client_factory: Callable[[], kube.Client],
+    config: OperatorConfig = OperatorConfig(),
+) -> None:
+    """Register the DiffusionService handlers on `registry`."""
+    client_box: list[kube.Client] = []
+
+    def client() -> kube.Client:
+        if not client_box:
+            client_box.append(client_factory())
+        return client_box[0]
+
+    resource = dict(group=API_GROUP, version=API_VERSION, plural=PLURAL)
+    common = dict(registry=registry, backoff=config.retry_backoff_s)
+
+    @kopf.on.resume(**resource, **common)
+    @kopf.on.create(**resource, **common)
+    @kopf.on.update(**resource, field="spec", **common)
+    def reconcile_service(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, **_: Any) -> None:
+        try:
+            outcome = reconcile.reconcile(client(), body, now=_now())
+        except kube.ApiError as exc:
+            if exc.retryable:
+                raise _temporary(exc, config) from exc
+            raise
+        patch["status"] = outcome.status
+        _post(client(), outcome.events, logger)
+        if not outcome.valid:
+            logger.warning("invalid spec: %s", outcome.events[0]["message"])
+        elif outcome.changes:
+            logger.info("reconciled: %s", "; ".join(outcome.changes))
+
+    @kopf.on.delete(**resource, **common)
+    def delete_service(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
+        try:
+            outcome = reconcile.cleanup(client(), body, now=_now())
+        except kube.ApiError as exc:
+            if exc.retryable:
+                raise _temporary(exc, config) from exc
+            raise
+        _post(client(), outcome.events, logger)
+
+    @kopf.on.event("apps", "v1", "deployments", labels={names.LABEL_MANAGED_BY: names.MANAGED_BY}, registry=registry)
+    def deployment_changed(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
+        """Keep ready counts in status current as replicas come and go (best effort)."""
+        service = (body.get("metadata", {}).get("labels") or {}).get(names.LABEL_SERVICE)
+        namespace = body.get("metadata", {}).get("namespace")
+        if not service or not namespace:
+            return
+        try:
+            reconcile.refresh_status(client(), namespace, service, now=_now())
+        except kube.ApiError as exc:
+            logger.debug("status refresh of %s/%s skipped: %s", namespace, service, exc)

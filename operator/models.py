@@ -1,0 +1,346 @@
+"""The `DiffusionService` contract as pydantic models: the single source of truth.
+
+The CRD's OpenAPI schema (`stepfleet crds`) is generated from these models, and the operator
+parses every object it sees through them. Doing both from one definition means the schema
+the API server enforces and the checks the operator makes can never drift apart; the
+operator still re-validates, because an object can reach it without passing the current
+schema (an older CRD version, an API server without CEL, or a test emulator).
+
+Field names are camelCase on the wire (Kubernetes convention) and snake_case in Python.
+Defaults live here, not in the CRD: the API server never bakes them into stored objects,
+so a newer operator can change a default without a storage migration.
+
+This module imports neither kopf nor kubernetes, so the policy and the simulator may use it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+API_GROUP = "stepfleet.io"
+API_VERSION = "v1alpha1"
+KIND = "DiffusionService"
+PLURAL = "diffusionservices"
+SINGULAR = "diffusionservice"
+SHORT_NAMES = ("dfs",)
+
+#: Upper bound on pools per service; keeps CEL list rules within the API server's cost budget.
+MAX_POOLS = 16
+
+AcceleratorType = Literal["nvidia-gpu", "aws-neuron", "google-tpu", "cpu"]
+Mode = Literal["auto", "cost", "capacity"]
+#: Kubernetes quantities ("2", "500m", "16Gi") arrive as int or string.
+Quantity = int | str
+DNSLabel = Annotated[
+    str,
+    Field(pattern=r"^[a-z]([-a-z0-9]*[a-z0-9])?$", min_length=1, max_length=20),
+]
+
+
+class _Model(BaseModel):
+    """Shared config: camelCase aliases, unknown fields rejected (typos become InvalidSpec)."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+    )
+
+
+class ModelSpec(_Model):
+    """Which diffusion model the workers load, and how."""
+
+    source: str = Field(
+        min_length=1,
+        max_length=512,
+        description=(
+            "Where the weights come from: `hf://ORG/NAME` (Hugging Face Hub id, cached in the pod), "
+            "`pvc://CLAIM/PATH` (a directory on a PersistentVolumeClaim, mounted read-only), "
+            "or `builtin://tiny-sd` (the random-weight test model that ships with stepfleet)."
+        ),
+    )
+    revision: str | None = Field(
+        default=None, max_length=128, description="Hub revision (branch, tag or commit) for `hf://` sources."
+    )
+    family: Literal["sd15", "sd2", "sdxl", "sd3", "pixart"] = Field(
+        default="sd15", description="Pipeline family, which fixes latent shapes and the backbone."
+    )
+    dtype: Literal["float16", "bfloat16", "float32"] = Field(
+        default="float16", description="Weight dtype on the accelerator (CPU pools always run float32)."
+    )
+
+
+class SLOSpec(_Model):
+    """The latency objective the control loop keeps; cost is minimised subject to it."""
+
+    latency_seconds: float = Field(gt=0, le=3600, description="End-to-end latency target per image, seconds.")
+    percentile: float = Field(default=95.0, gt=0, lt=100, description="Percentile the target applies to.")
+
+
+class AcceleratorSpec(_Model):
+    """What one replica of a pool runs on. `type` picks the device plugin resource and backend."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.type == 'cpu' || has(self.model)",
+                    "message": "accelerator.model is required for nvidia-gpu, aws-neuron and google-tpu",
+                    "fieldPath": ".model",
+                },
+                {
+                    "rule": "self.type != 'google-tpu' || has(self.topology)",
+                    "message": "accelerator.topology is required for google-tpu (e.g. 2x2)",
+                    "fieldPath": ".topology",
+                },
+                {
+                    "rule": "self.type != 'cpu' || !has(self.count) || self.count == 0",
+                    "message": "cpu pools request no accelerator devices: leave count unset or 0",
+                    "fieldPath": ".count",
+                },
+                {
+                    "rule": "self.type == 'cpu' || !has(self.count) || self.count >= 1",
+                    "message": "accelerator pools need count >= 1",
+                    "fieldPath": ".count",
+                },
+            ]
+        }
+    )
+
+    type: AcceleratorType = Field(description="Accelerator kind: nvidia-gpu, aws-neuron, google-tpu or cpu.")
+    model: str | None = Field(
+        default=None,
+        max_length=63,
+        description=(
+            "Accelerator model: the GPU name for nvidia-gpu (e.g. `l4`, matched against Karpenter's "
+            "`karpenter.k8s.aws/instance-gpu-name`), the chip for aws-neuron (`inferentia2`, "
+            "`trainium`), the GKE accelerator for google-tpu (e.g. `tpu-v5-lite-podslice`)."
+        ),
+    )
+    count: int | None = Field(
+        default=None,
+        ge=0,
+        le=64,
+        description="Devices per replica (GPUs, Neuron devices or TPU chips). Default: 1, or 0 for cpu.",
+    )
+    topology: str | None = Field(
+        default=None, max_length=32, pattern=r"^[0-9]+(x[0-9]+){1,2}$", description="TPU slice topology, e.g. `1x1` or `2x2`."
+    )
+    resource_name: str | None = Field(
+        default=None,
+        max_length=253,
+        description=(
+            "Extended resource to request instead of the type's default, e.g. "
+            "`aws.amazon.com/neuroncore` to share a Neuron device between replicas."
+        ),
+    )
+
+    @property
+    def devices(self) -> int:
+        """Devices one replica requests, with the type's default applied."""
+        if self.count is not None:
+            return self.count
+        return 0 if self.type == "cpu" else 1
+
+
+class NodePoolSpec(_Model):
+    """Ask the operator for a Karpenter `NodePool` (karpenter.sh/v1, AWS) dedicated to this pool."""
+
+    capacity_types: list[Literal["on-demand", "spot", "reserved"]] = Field(
+        default_factory=lambda: ["on-demand"],
+        min_length=1,
+        max_length=3,
+        description="Karpenter capacity types to allow. Default: [on-demand].",
+    )
+    instance_families: list[Annotated[str, Field(max_length=32)]] = Field(
+        default_factory=list,
+        max_length=16,
+        description="EC2 instance families, e.g. [g6] or [inf2]. Default: derived from the accelerator.",
+    )
+    instance_types: list[Annotated[str, Field(max_length=64)]] = Field(
+        default_factory=list, max_length=32, description="Exact instance types, e.g. [g6.xlarge]."
+    )
+    node_class: str = Field(
+        default="default", max_length=253, description="Name of the EC2NodeClass the NodePool refers to."
+    )
+    limits: dict[str, Quantity] | None = Field(
+        default=None,
+        description="NodePool resource limits. Default: maxReplicas x devices of the accelerator resource.",
+    )
+    consolidate_after: str = Field(
+        default="5m",
+        pattern=r"^(([0-9]+(s|m|h))+|Never)$",
+        description="How long a node must be empty before Karpenter removes it.",
+    )
+
+
+class Toleration(_Model):
+    key: str | None = Field(default=None, max_length=316)
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = Field(default=None, max_length=63)
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+
+
+class Resources(_Model):
+    """CPU/memory for a container; accelerator devices come from `accelerator`, not from here."""
+
+    requests: dict[str, Quantity] = Field(default_factory=dict)
+    limits: dict[str, Quantity] = Field(default_factory=dict)
+
+
+class PoolSpec(_Model):
+    """One worker pool: a Deployment of identical replicas on one accelerator type."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.minReplicas) || !has(self.maxReplicas) || self.minReplicas <= self.maxReplicas",
+                    "message": "minReplicas must be <= maxReplicas",
+                    "fieldPath": ".minReplicas",
+                },
+                {
+                    "rule": "self.accelerator.type != 'google-tpu' || !has(self.nodePool)",
+                    "message": "Karpenter NodePools are AWS-only; TPU pools use GKE node pools",
+                    "fieldPath": ".nodePool",
+                },
+                {
+                    "rule": "self.name != 'router'",
+                    "message": "pool name 'router' is reserved for the router's objects",
+                    "fieldPath": ".name",
+                },
+            ]
+        }
+    )
+
+    name: DNSLabel = Field(description="Pool name, unique within the service; part of child object names.")
+    accelerator: AcceleratorSpec
+    price_per_hour: float = Field(
+        ge=0, le=10000, description="On-demand price of one replica's capacity, USD per hour."
+    )
+    min_replicas: int = Field(default=1, ge=0, le=1000, description="Fewest replicas the control loop keeps. Default: 1.")
+    max_replicas: int = Field(default=4, ge=0, le=1000, description="Most replicas the control loop asks for. Default: 4.")
+    throughput_per_replica: float | None = Field(
+        default=None, gt=0, description="Measured images per second one replica sustains at the SLO, if known."
+    )
+    max_batch: int | None = Field(default=None, ge=1, le=256, description="Overrides serving.maxBatch for this pool.")
+    node_pool: NodePoolSpec | None = Field(default=None, description="Create a Karpenter NodePool for this pool.")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Extra node selector labels.")
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=16, description="Extra tolerations.")
+    image: str | None = Field(default=None, max_length=512, description="Worker image for this pool.")
+    resources: Resources | None = Field(default=None, description="CPU/memory requests and limits of a worker.")
+
+    @model_validator(mode="after")
+    def _replica_bounds(self) -> PoolSpec:
+        # Mirrors the CEL rule, which cannot see defaults (it only checks fields that are set).
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"minReplicas ({self.min_replicas}) must be <= maxReplicas ({self.max_replicas})")
+        return self
+
+
+class RouterSpec(_Model):
+    replicas: int = Field(default=2, ge=0, le=100, description="Router replicas. Default: 2.")
+    image: str | None = Field(default=None, max_length=512, description="Router image. Default: the cpu image.")
+    resources: Resources | None = None
+
+
+class ServingSpec(_Model):
+    image: str | None = Field(
+        default=None, max_length=512, description="Worker image for every pool (a pool's `image` wins)."
+    )
+    max_batch: int = Field(default=8, ge=1, le=256, description="Largest step-level batch. Default: 8.")
+    template_cache_bytes: int = Field(
+        default=1 << 30, ge=0, description="Activation-cache budget per worker, bytes. Default: 1 GiB."
+    )
+
+
+class ControlLoopSpec(_Model):
+    interval_seconds: float = Field(default=30, ge=1, le=3600, description="How often the loop decides.")
+    dwell_seconds: float = Field(
+        default=600, ge=0, le=86400, description="Least time in capacity mode before returning to cost mode."
+    )
+    stabilization_seconds: float = Field(
+        default=120, ge=0, le=86400, description="Window over which scale-down decisions are smoothed."
+    )
+    pending_grace_seconds: float = Field(
+        default=180, ge=0, le=86400, description="How long a pod may stay Pending before it signals a shortage."
+    )
+
+
+class DiffusionServiceSpec(_Model):
+    """Desired state of a diffusion serving fleet."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": "size(self.pools) >= 1", "message": "at least one pool is required", "fieldPath": ".pools"},
+                {
+                    "rule": "self.pools.all(p, self.pools.exists_one(q, q.name == p.name))",
+                    "message": "pool names must be unique",
+                    "fieldPath": ".pools",
+                },
+                {
+                    "rule": "self.pools.all(p, has(p.pricePerHour))",
+                    "message": "every pool needs pricePerHour",
+                    "fieldPath": ".pools",
+                },
+            ]
+        }
+    )
+
+    model: ModelSpec
+    slo: SLOSpec
+    mode: Mode = Field(default="auto", description="auto lets the control loop choose; cost or capacity pin it.")
+    pools: list[PoolSpec] = Field(min_length=1, max_length=MAX_POOLS)
+    router: RouterSpec = Field(default_factory=RouterSpec)
+    serving: ServingSpec = Field(default_factory=ServingSpec)
+    control_loop: ControlLoopSpec = Field(default_factory=ControlLoopSpec)
+
+    @model_validator(mode="after")
+    def _unique_pool_names(self) -> DiffusionServiceSpec:
+        names = [p.name for p in self.pools]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"pool names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+
+# --- status -----------------------------------------------------------------------------------
+
+
+class Condition(_Model):
+    """A Kubernetes-style condition; see `stepfleet.operator.conditions` for how they are set."""
+
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str
+    message: str = ""
+    last_transition_time: str
+    observed_generation: int | None = None
+
+
+class PoolStatus(_Model):
+    name: str
+    replicas: int = 0
+    ready_replicas: int = 0
+    weight: float = 0.0
+    capacity_state: Literal["Available", "Short", "Unknown"] = "Unknown"
+    cost_per_hour: float = 0.0
+
+
+class DiffusionServiceStatus(_Model):
+    observed_generation: int | None = None
+    mode: Literal["cost", "capacity"] | None = None
+    pools: list[PoolStatus] = Field(default_factory=list)
+    total_cost_per_hour: float | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+
+
+class DiffusionService(_Model):
+    """The whole object (metadata is left to Kubernetes and not modelled)."""
+
+    api_version: Literal["stepfleet.io/v1alpha1"] = "stepfleet.io/v1alpha1"
+    kind: Literal["DiffusionService"] = "DiffusionService"
+    spec: DiffusionServiceSpec
+    status: DiffusionServiceStatus | None = None

@@ -1,0 +1,148 @@
+"""`decide(observation, state, spec) -> (plan, state)`: one step of the control loop.
+
+A purely computational function with no side effects: no Kubernetes, no clock (the time is
+in the observation), no randomness. The kopf timer, the local fleet runner and the
+simulator all call it, so the simulator's figures are the operator's behaviour.
+
+Steps, each in its own module:
+  1. resolve pools: spec limits merged with what was observed (`pools`);
+  2. plan demand: the current rate raised along its trend for one provisioning delay plus
+     one interval, plus headroom (`demand`);
+  3. the cost plan: cheapest per image first (`allocate`);
+  4. the mode: capacity while a pool that plan relies on is short, back after recovery and
+     dwell (`modes`); in capacity mode, the deficit is spread over pools with capacity;
+  5. stabilize: up at once, down after the window, never break before making (`stabilize`);
+  6. weights from what ready replicas can serve (`weights`); NodePool limits with surge.
+Every step adds the reasons a human reads in `status`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+from .allocate import Allocation, by_price, capacity_allocation, cost_allocation
+from .demand import planning_rate
+from .model import Observation, Plan, PolicySpec, PolicyState, PoolMemory, PoolPlan
+from .modes import choose_mode, track_shortages
+from .pools import PoolView, resolve
+from .stabilize import stabilize
+from .weights import route_weights
+
+
+def decide(observation: Observation, state: PolicyState,
+           spec: PolicySpec) -> tuple[Plan, PolicyState]:
+    control = spec.control
+    now = observation.now_s
+    pools = resolve(spec, observation)
+    lookahead = control.interval_s + max((p.provision_s for p in pools), default=0.0)
+    rate = max(0.0, observation.arrival_rps)
+    trend = observation.arrival_trend_rps_per_s
+
+    cost_rps = planning_rate(rate, trend, lookahead, control.headroom)
+    cost = cost_allocation(pools, cost_rps)
+    memories = track_shortages(state, pools, now)
+    mode = choose_mode(spec.mode, state, memories, pools, cost.replicas, now, control)
+
+    reasons = [_demand_reason(rate, trend, lookahead)]
+    if mode.mode == "cost":
+        planned_rps = cost_rps
+        allocation = cost
+        reasons.extend(mode.reasons)
+        reasons.append(_cost_reason(pools, cost, planned_rps, control.headroom))
+    else:
+        planned_rps = planning_rate(rate, trend, lookahead, control.capacity_headroom)
+        allocation = capacity_allocation(pools, planned_rps, mode.short, cost.replicas)
+        reasons.extend(mode.reasons)
+        reasons.append(_capacity_reason(pools, allocation, mode.short, planned_rps,
+                                        control.capacity_headroom))
+
+    stable = stabilize(pools, allocation.replicas, memories, now, control.stabilization_s,
+                       rate)
+    reasons.extend(stable.reasons)
+    replicas = dict(stable.replicas)
+    if mode.mode == "capacity":
+        for pool in pools:  # keep the short pools' ready replicas warm, whatever the window
+            if pool.name in mode.short:
+                replicas[pool.name] = max(replicas[pool.name], pool.clamp(pool.ready))
+
+    weights = route_weights(pools, replicas, control.interval_s)
+    reasons.append(_weights_reason(weights))
+    plan = Plan(
+        mode=mode.mode,
+        pools=tuple(
+            PoolPlan(name=p.name, replicas=replicas[p.name], weight=weights[p.name],
+                     nodepool_limit=_nodepool_limit(p, replicas[p.name], control.nodepool_surge),
+                     cost_per_hour=replicas[p.name] * p.price_per_hour)
+            for p in pools),
+        reasons=tuple(reasons),
+        mode_changed=mode.changed,
+        planned_rps=planned_rps,
+    )
+    new_state = PolicyState(
+        mode=mode.mode,
+        mode_since_s=mode.since_s,
+        pools=tuple(
+            _remember(memories[p.name], p.name in mode.forget, stable.recommendations[p.name],
+                      replicas[p.name])
+            for p in pools),
+    )
+    return plan, new_state
+
+
+def _remember(memory: PoolMemory, forget: bool, recommendations: tuple[tuple[float, int], ...],
+              desired: int) -> PoolMemory:
+    if forget:
+        memory = replace(memory, short_since=None, recovered_since=None)
+    return replace(memory, recommendations=recommendations, desired=desired)
+
+
+def _nodepool_limit(pool: PoolView, replicas: int, surge: float) -> int:
+    """Replicas the pool's NodePool may hold: the plan plus a rolling-update surge."""
+    if replicas <= 0:
+        return 0
+    extra = max(1, math.ceil(replicas * surge))
+    return max(replicas, min(pool.max_replicas, replicas + extra))
+
+
+def _demand_reason(rate: float, trend: float, lookahead: float) -> str:
+    return (f"demand {rate:.2f} rps, trend {trend:+.4f} rps/s; planning {lookahead:.0f}s "
+            "ahead (provisioning delay + interval)")
+
+
+def _cost_reason(pools: tuple[PoolView, ...], allocation: Allocation, planned: float,
+                 headroom: float) -> str:
+    parts = []
+    for pool in by_price(pools):
+        n = allocation.replicas[pool.name]
+        note = "" if pool.meets_slo else ", cannot meet the SLO"
+        parts.append(f"{pool.name} {n} (${pool.price_per_image * 1000:.3f}/1k images{note})")
+    text = (f"cost mode: {planned:.2f} rps planned (+{headroom:.0%} headroom), cheapest per "
+            "image first: " + ", ".join(parts))
+    if allocation.unmet_rps > 0:
+        text += f"; {allocation.unmet_rps:.2f} rps exceed every pool's maximum"
+    return text
+
+
+def _capacity_reason(pools: tuple[PoolView, ...], allocation: Allocation,
+                     short: frozenset[str], planned: float, headroom: float) -> str:
+    deficit = planned - allocation.short_servable_rps
+    spread = ", ".join(f"{name} {share:.0%} -> {allocation.replicas[name]}"
+                       for name, share in sorted(allocation.shares.items()))
+    warm = ", ".join(f"{p.name} keeps {p.ready} ready and asks for "
+                     f"{allocation.replicas[p.name]}" for p in pools if p.name in short)
+    text = (f"capacity mode: {planned:.2f} rps planned (+{headroom:.0%} headroom); "
+            f"{deficit:.2f} rps spread over pools with capacity in proportion to what each "
+            f"can serve: {spread or 'none available'}")
+    if warm:
+        text += f"; {warm}"
+    if allocation.unmet_rps > 0:
+        text += f"; {allocation.unmet_rps:.2f} rps exceed every available pool's maximum"
+    return text
+
+
+def _weights_reason(weights: dict[str, float]) -> str:
+    if not any(weights.values()):
+        return "weights: no pool has a ready replica; the router has nowhere to send requests"
+    shown = ", ".join(f"{name} {w:.2f}" for name, w in weights.items())
+    return f"weights by what ready replicas can serve: {shown}"

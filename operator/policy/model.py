@@ -1,0 +1,202 @@
+"""The data the control loop's policy takes in and gives back.
+
+`decide(observation, state, spec) -> (plan, state)` is a pure function, so everything it
+needs travels in these frozen dataclasses and nothing else: the spec says what the user
+asked for (SLO, pools, limits, loop settings), the observation says what the fleet looks
+like now, the state carries the little the policy must remember between calls (its mode,
+which pools it saw short, its recent recommendations), and the plan says what to do and why.
+
+The kopf timer, the local fleet runner and the simulator each build these from their own
+world (Prometheus and Kubernetes objects, local processes, simulated replicas); none of
+that leaks in here. Units are in the field names: ``_s`` seconds, ``_rps`` requests per
+second, ``_per_hour`` US dollars per hour.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Mode = Literal["cost", "capacity"]
+ModeSetting = Literal["auto", "cost", "capacity"]
+
+
+@dataclass(frozen=True)
+class SloSpec:
+    """The latency objective: `percentile` of requests finish within `latency_s`."""
+
+    latency_s: float
+    percentile: float = 0.95
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """One worker pool (one accelerator type) as the user declared it.
+
+    `throughput_rps_per_replica` and `latency_s` are the pool's measured figures (the
+    paper's breaking-point throughput and its latency there); an observation may carry
+    fresher measurements, which then win. `service_cv` is how much one request's service
+    time varies (coefficient of variation); it only feeds the queueing estimate.
+    """
+
+    name: str
+    price_per_hour: float
+    throughput_rps_per_replica: float
+    latency_s: float
+    provision_s: float = 600.0
+    min_replicas: int = 0
+    max_replicas: int = 100
+    service_cv: float = 0.1
+
+
+@dataclass(frozen=True)
+class ControlSettings:
+    """How the loop trades cost against safety; every field says its unit and why.
+
+    Defaults suit pools whose replicas take minutes to load a model: the loop plans one
+    provisioning delay ahead, stays in capacity mode long enough that a model load started
+    there is not wasted, and scales down only after demand has stayed low for a while.
+    """
+
+    #: Seconds between two decisions; the forecast looks this far past the provisioning delay.
+    interval_s: float = 60.0
+    #: Least seconds in capacity mode before going back (model loads take minutes).
+    dwell_s: float = 1800.0
+    #: Seconds a short pool must keep showing capacity before the loop trusts it again.
+    recovery_window_s: float = 600.0
+    #: Scale-down waits until lower recommendations have held this many seconds.
+    stabilization_s: float = 300.0
+    #: Spare fraction above the forecast demand in cost mode (covers estimate noise).
+    headroom: float = 0.03
+    #: Spare fraction in capacity mode: more, since another pool may run short as well.
+    capacity_headroom: float = 0.15
+    #: Never plan a replica busier than this, whatever the queueing estimate allows.
+    max_utilization: float = 0.97
+    #: Share of the SLO's miss budget (1 - percentile) that steady-state queueing may use;
+    #: the rest is left for transients (provisioning lag, interruptions).
+    tail_budget: float = 0.2
+    #: Extra replicas a NodePool may hold above the plan, as a fraction (rolling surge).
+    nodepool_surge: float = 0.1
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """What the user asked for: the DiffusionService spec as far as the policy cares."""
+
+    slo: SloSpec
+    pools: tuple[PoolSpec, ...]
+    mode: ModeSetting = "auto"
+    control: ControlSettings = field(default_factory=ControlSettings)
+
+    def pool(self, name: str) -> PoolSpec:
+        for pool in self.pools:
+            if pool.name == name:
+                return pool
+        raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class PoolObservation:
+    """One pool as observed now.
+
+    `pending_replicas` counts replicas asked for but not ready (starting or unschedulable).
+    `capacity_short_since` is set while the pool cannot get capacity (Karpenter
+    InsufficientCapacityError, pods Unschedulable past a grace period): the time the
+    shortage was first seen. `latency_s` is the measured SLO-percentile latency over the
+    last interval (queueing included), `queue_depth` the requests waiting in the pool.
+    Measured throughput and price override the spec when given.
+    """
+
+    name: str
+    desired_replicas: int = 0
+    ready_replicas: int = 0
+    pending_replicas: int = 0
+    price_per_hour: float | None = None
+    throughput_rps_per_replica: float | None = None
+    latency_s: float | None = None
+    queue_depth: float = 0.0
+    capacity_short_since: float | None = None
+
+
+@dataclass(frozen=True)
+class Observation:
+    """The fleet now: the time (the policy reads no clock), demand and every pool."""
+
+    now_s: float
+    arrival_rps: float
+    arrival_trend_rps_per_s: float = 0.0
+    pools: tuple[PoolObservation, ...] = ()
+
+    def pool(self, name: str) -> PoolObservation | None:
+        for pool in self.pools:
+            if pool.name == name:
+                return pool
+        return None
+
+
+@dataclass(frozen=True)
+class PoolMemory:
+    """What the policy remembers about one pool between decisions."""
+
+    name: str
+    #: When the pool was first seen short in the current episode (None: not short).
+    short_since: float | None = None
+    #: When a pool we saw short started showing capacity again (None: not yet).
+    recovered_since: float | None = None
+    #: (time, replicas) recommendations inside the stabilization window, oldest first.
+    recommendations: tuple[tuple[float, int], ...] = ()
+    #: Replicas the last plan asked for.
+    desired: int | None = None
+
+
+@dataclass(frozen=True)
+class PolicyState:
+    """Everything `decide` carries from one call to the next; start with `PolicyState()`."""
+
+    mode: Mode = "cost"
+    mode_since_s: float | None = None
+    pools: tuple[PoolMemory, ...] = ()
+
+    def memory(self, name: str) -> PoolMemory:
+        for pool in self.pools:
+            if pool.name == name:
+                return pool
+        return PoolMemory(name=name)
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    """What one pool should look like: replicas, share of traffic, NodePool ceiling."""
+
+    name: str
+    replicas: int
+    weight: float
+    nodepool_limit: int
+    cost_per_hour: float
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The decision, with the reasons a human reads in `status` and Events."""
+
+    mode: Mode
+    pools: tuple[PoolPlan, ...]
+    reasons: tuple[str, ...]
+    mode_changed: bool = False
+    planned_rps: float = 0.0
+
+    @property
+    def replicas(self) -> dict[str, int]:
+        return {p.name: p.replicas for p in self.pools}
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return {p.name: p.weight for p in self.pools}
+
+    @property
+    def nodepool_limits(self) -> dict[str, int]:
+        return {p.name: p.nodepool_limit for p in self.pools}
+
+    @property
+    def cost_per_hour(self) -> float:
+        return sum(p.cost_per_hour for p in self.pools)

@@ -1,0 +1,90 @@
+"""One resolved view per pool: the spec's limits merged with what was just observed.
+
+Every later step (allocation, weights, stabilization) needs the same handful of facts —
+current price, throughput, whether the pool can meet the SLO at all, how much it can serve
+— so they are worked out once here, with measured values winning over declared ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .costmodel import price_per_image, replicas_for, servable_rps
+from .model import Observation, PolicySpec, PoolObservation, PoolSpec
+
+
+@dataclass(frozen=True)
+class PoolView:
+    name: str
+    price_per_hour: float
+    throughput_rps: float
+    latency_s: float
+    service_cv: float
+    provision_s: float
+    min_replicas: int
+    max_replicas: int
+    desired: int
+    ready: int
+    pending: int
+    queue_depth: float
+    measured_latency_s: float | None
+    short_since: float | None
+    #: Whether an idle replica meets the SLO latency at all.
+    meets_slo: bool
+    slo_latency_s: float
+    allowed_late: float
+    max_utilization: float
+
+    @property
+    def price_per_image(self) -> float:
+        return price_per_image(self.price_per_hour, self.throughput_rps)
+
+    def servable(self, replicas: int) -> float:
+        """Requests per second `replicas` replicas of this pool serve within the SLO."""
+        if not self.meets_slo:
+            return 0.0
+        return servable_rps(replicas, self.throughput_rps, self.latency_s, self.slo_latency_s,
+                            self.allowed_late, self.service_cv, self.max_utilization)
+
+    def replicas_for(self, rate_rps: float) -> int:
+        """Fewest replicas serving `rate_rps` within the SLO (unclamped)."""
+        if not self.meets_slo:
+            return 0
+        return replicas_for(rate_rps, self.throughput_rps, self.latency_s, self.slo_latency_s,
+                            self.allowed_late, self.service_cv, self.max_utilization)
+
+    def clamp(self, replicas: int) -> int:
+        return max(self.min_replicas, min(self.max_replicas, replicas))
+
+
+def resolve(spec: PolicySpec, obs: Observation) -> tuple[PoolView, ...]:
+    """Views for every pool in the spec, in spec order (a pool not observed is empty)."""
+    allowed_late = max(0.0, 1.0 - spec.slo.percentile) * spec.control.tail_budget
+    return tuple(_view(p, obs.pool(p.name) or PoolObservation(name=p.name), spec, allowed_late)
+                 for p in spec.pools)
+
+
+def _view(p: PoolSpec, o: PoolObservation, spec: PolicySpec, allowed_late: float) -> PoolView:
+    throughput = o.throughput_rps_per_replica or p.throughput_rps_per_replica
+    price = p.price_per_hour if o.price_per_hour is None else o.price_per_hour
+    slack = spec.slo.latency_s - p.latency_s * (1.0 + 2.0 * p.service_cv)
+    return PoolView(
+        name=p.name,
+        price_per_hour=price,
+        throughput_rps=throughput,
+        latency_s=p.latency_s,
+        service_cv=p.service_cv,
+        provision_s=p.provision_s,
+        min_replicas=p.min_replicas,
+        max_replicas=p.max_replicas,
+        desired=o.desired_replicas,
+        ready=o.ready_replicas,
+        pending=o.pending_replicas,
+        queue_depth=max(0.0, o.queue_depth),
+        measured_latency_s=o.latency_s,
+        short_since=o.capacity_short_since,
+        meets_slo=slack > 0 and throughput > 0,
+        slo_latency_s=spec.slo.latency_s,
+        allowed_late=allowed_late,
+        max_utilization=spec.control.max_utilization,
+    )

@@ -1,0 +1,1 @@
+"""The data plane: model loading, the step-level engine, the worker and router apps."""

@@ -1,0 +1,70 @@
+"""Seeded open-loop request traces and the latency statistics every benchmark reports."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+STEP_MIX: tuple[int, ...] = (10, 20, 30)
+SCHEDULER_MIX: tuple[str, ...] = ("ddim", "euler", "euler_a", "dpmpp_2m")
+
+
+@dataclass(frozen=True)
+class TraceRequest:
+    id: str
+    arrival_s: float
+    steps: int
+    scheduler: str
+    seed: int
+    prompt: str
+
+
+def poisson_trace(
+    rate_rps: float,
+    count: int,
+    seed: int,
+    steps: Sequence[int] = STEP_MIX,
+    schedulers: Sequence[str] = SCHEDULER_MIX,
+) -> list[TraceRequest]:
+    """`count` requests with exponential inter-arrival gaps; steps and schedulers drawn uniformly."""
+    rng = random.Random(seed)
+    t = 0.0
+    out: list[TraceRequest] = []
+    for i in range(count):
+        if i:
+            t += rng.expovariate(rate_rps)
+        out.append(
+            TraceRequest(
+                id=f"r{i:04d}",
+                arrival_s=t,
+                steps=rng.choice(list(steps)),
+                scheduler=rng.choice(list(schedulers)),
+                seed=rng.randrange(2**31),
+                prompt=f"a picture of request {i}",
+            )
+        )
+    return out
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..1); the definition Prometheus users expect from summaries."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q * len(ordered)))
+    return ordered[rank - 1]
+
+
+def latency_stats(arrivals: Sequence[float], finishes: Sequence[float]) -> dict[str, float]:
+    """Throughput over the whole run (first arrival to last completion) and latency figures."""
+    lat = [f - a for a, f in zip(arrivals, finishes, strict=True)]
+    span = max(finishes) - min(arrivals)
+    return {
+        "throughput_rps": len(lat) / span if span > 0 else math.nan,
+        "mean_s": sum(lat) / len(lat),
+        "p50_s": percentile(lat, 0.50),
+        "p95_s": percentile(lat, 0.95),
+        "completed": len(lat),
+    }

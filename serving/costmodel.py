@@ -1,0 +1,79 @@
+"""How long a denoising step takes, learned online; used for slack, Retry-After and load reports.
+
+Pure and clock-free: the engine feeds it measured step durations, the planner and the
+benchmark's replay ask it for estimates. A step's cost depends on the latent shape (tokens)
+and on how many rows run together (batching is sub-linear), so the model keeps a smoothed
+duration per (shape, rows) and interpolates between the rows it has seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+
+@dataclass
+class StepCostModel:
+    """Exponentially smoothed step seconds per (shape key, batch rows)."""
+
+    #: Used before anything was measured for a shape: a pessimistic guess beats zero.
+    default_step_s: float = 0.05
+    #: Weight of a new observation; high enough to follow drift within ~10 steps.
+    alpha: float = 0.2
+    table: dict[Hashable, dict[int, float]] = field(default_factory=dict)
+
+    def observe(self, shape: Hashable, rows: int, seconds: float) -> None:
+        per_rows = self.table.setdefault(shape, {})
+        old = per_rows.get(rows)
+        per_rows[rows] = seconds if old is None else (1 - self.alpha) * old + self.alpha * seconds
+
+    def step_seconds(self, shape: Hashable, rows: int) -> float:
+        """Estimated duration of one step of a batch of `rows` rows of `shape`."""
+        rows = max(1, rows)
+        per_rows = self.table.get(shape)
+        if not per_rows:
+            per_rows = self._nearest_shape_table(shape)
+            if not per_rows:
+                return self.default_step_s * rows
+        if rows in per_rows:
+            return per_rows[rows]
+        known = sorted(per_rows)
+        lower = [r for r in known if r < rows]
+        upper = [r for r in known if r > rows]
+        if lower and upper:  # interpolate linearly between the neighbours
+            lo, hi = lower[-1], upper[0]
+            frac = (rows - lo) / (hi - lo)
+            return per_rows[lo] + frac * (per_rows[hi] - per_rows[lo])
+        nearest = lower[-1] if lower else upper[0]
+        # Outside what we saw: scale per row (linear extrapolation is the safe side).
+        return per_rows[nearest] * rows / nearest
+
+    def _nearest_shape_table(self, shape: Hashable) -> dict[int, float] | None:
+        """For an unseen shape, scale the table of a seen shape by token count when shapes are sizes."""
+        if not self.table or not isinstance(shape, tuple):
+            return None
+        tokens = _tokens(shape)
+        if tokens is None:
+            return None
+        best = None
+        for other, per_rows in self.table.items():
+            other_tokens = _tokens(other) if isinstance(other, tuple) else None
+            if other_tokens:
+                ratio = tokens / other_tokens
+                if best is None or abs(ratio - 1) < abs(best[0] - 1):
+                    best = (ratio, per_rows)
+        if best is None:
+            return None
+        ratio, per_rows = best
+        return {r: s * ratio for r, s in per_rows.items()}
+
+    def service_seconds(self, shape: Hashable, rows: int, steps: int, batch_rows: int | None = None) -> float:
+        """Time for `steps` more steps of a request with `rows` rows, in a batch of `batch_rows`."""
+        return steps * self.step_seconds(shape, batch_rows or rows)
+
+
+def _tokens(shape: tuple) -> int | None:
+    nums = [d for d in shape if isinstance(d, int)]
+    if len(nums) < 2:
+        return None
+    return nums[-1] * nums[-2]

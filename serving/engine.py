@@ -1,0 +1,393 @@
+"""The step-level engine: a loop that runs one batched denoising step at a time.
+
+Each turn: take in requests that became ready, drop cancelled ones, ask the pure
+`StepPlanner` for this step's plan, run one model call for the planned batch, then retire
+finished requests. Requests therefore join and leave the running batch at step boundaries.
+
+Prompt encoding and VAE decoding run on a separate auxiliary thread so they never stall
+the batch; callers get a `concurrent.futures.Future` they can await from asyncio. A failure
+in one request (bad tensor, scheduler error) fails that request only; the loop goes on.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from stepfleet.serving.costmodel import StepCostModel
+from stepfleet.serving.params import GenerationParams
+from stepfleet.serving.planner import Phase, PlannerConfig, Seq, StepPlanner, apply_plan
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The engine will not take more work now; `retry_after_s` is when it likely will."""
+
+    def __init__(self, retry_after_s: float) -> None:
+        super().__init__(f"queue full; retry after {retry_after_s:.0f}s")
+        self.retry_after_s = retry_after_s
+
+
+class ShuttingDown(Exception):
+    """The engine is draining for shutdown and accepts no new requests."""
+
+
+class RequestCancelled(Exception):
+    """The request was cancelled (its client went away) before it finished."""
+
+
+class Runner(Protocol):
+    """What the engine needs from a model runner (see `ModelRunner`); tests may pass a fake."""
+
+    def latent_shape(self, width: int, height: int) -> tuple[int, int, int]: ...
+    def prepare(self, params: GenerationParams, seed: int) -> Any: ...
+    def step(self, batch: list[Any]) -> None: ...
+    def decode(self, tensors: Any) -> Any: ...
+
+
+class EngineObserver(Protocol):
+    """Hooks for metrics; `serving.metrics.WorkerMetrics` implements them."""
+
+    def on_step(self, seconds: float, batch_images: int, queue_depth: int) -> None: ...
+    def on_finish(self, request: EngineRequest, outcome: str) -> None: ...
+    def on_preempt(self, count: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Engine settings; defaults fit a small CPU worker."""
+
+    max_batch: int = 4  # images per model call (classifier-free guidance doubles the rows)
+    max_queue: int = 64  # requests accepted but not yet started; beyond it, 429
+    preemption: bool = True
+    policy: str = "continuous"  # or "static" (request-level batching, a benchmark baseline)
+    static_wait_s: float = 0.5
+    #: A request without `deadline_ms` is due after this many times its solo service time:
+    #: it orders waiting work shortest-first while still ageing long requests in.
+    slo_scale: float = 4.0
+    idle_poll_s: float = 0.05
+
+
+@dataclass
+class EngineRequest:
+    id: str
+    params: GenerationParams
+    seed: int
+    arrival: float
+    future: Future = field(default_factory=Future)
+    seq: Seq | None = None
+    tensors: Any = None
+    cancelled: bool = False
+    started_at: float | None = None
+    finished_at: float | None = None
+    kind: str = "generation"
+
+    @property
+    def deadline_met(self) -> bool | None:
+        if self.seq is None or self.finished_at is None or not self.seq.explicit_deadline:
+            return None
+        return self.finished_at <= self.seq.deadline
+
+
+@dataclass(frozen=True)
+class EngineResult:
+    images: Any  # list of PIL images
+    seed: int
+    queue_s: float
+    total_s: float
+    steps: int
+
+
+class _NullObserver:
+    def on_step(self, seconds: float, batch_images: int, queue_depth: int) -> None:
+        pass
+
+    def on_finish(self, request: EngineRequest, outcome: str) -> None:
+        pass
+
+    def on_preempt(self, count: int) -> None:
+        pass
+
+
+class Engine:
+    """Owns the step loop thread, the auxiliary thread, and every live request."""
+
+    def __init__(
+        self,
+        runner: Runner,
+        config: EngineConfig | None = None,
+        observer: EngineObserver | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        cost: StepCostModel | None = None,
+    ) -> None:
+        self.runner = runner
+        self.config = config or EngineConfig()
+        self.observer = observer or _NullObserver()
+        self.clock = clock
+        self.cost = cost or StepCostModel()
+        self.planner = StepPlanner(
+            PlannerConfig(
+                max_batch=self.config.max_batch,
+                policy="static" if self.config.policy == "static" else "continuous",
+                preemption=self.config.preemption and self.config.policy != "static",
+                static_wait_s=self.config.static_wait_s,
+            ),
+            self.cost,
+        )
+        self._cond = threading.Condition()
+        self._preparing: dict[str, EngineRequest] = {}
+        self._live: dict[str, EngineRequest] = {}  # ready: waiting, running or paused
+        self._ids = itertools.count()
+        self._aux = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stepfleet-aux")
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._accepting = True
+        self.steps_run = 0
+        self.last_plan = None
+
+    # -- lifecycle -----------------------------------------------------------------
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="stepfleet-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, drain: bool = True, timeout: float = 60.0) -> None:
+        """Stop taking requests; with `drain`, let running and queued ones finish first."""
+        with self._cond:
+            self._accepting = False
+            if not drain:
+                for req in list(self._live.values()) + list(self._preparing.values()):
+                    req.cancelled = True
+            self._cond.notify_all()
+        deadline = time.monotonic() + timeout
+        while drain and time.monotonic() < deadline:
+            with self._cond:
+                if not self._live and not self._preparing:
+                    break
+            time.sleep(0.01)
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=max(1.0, deadline - time.monotonic()))
+        self._aux.shutdown(wait=True, cancel_futures=False)
+
+    # -- client side ---------------------------------------------------------------
+    def submit(
+        self, params: GenerationParams, request_id: str | None = None, kind: str = "generation"
+    ) -> EngineRequest:
+        """Queue a request; raises QueueFull (with a retry estimate) or ShuttingDown."""
+        with self._cond:
+            if not self._accepting:
+                raise ShuttingDown("worker is shutting down")
+            if self.queue_depth() >= self.config.max_queue:
+                raise QueueFull(self.retry_after_s())
+            seed = params.seed if params.seed is not None else secrets.randbelow(2**31)
+            req = EngineRequest(
+                id=request_id or f"req-{next(self._ids)}", params=params, seed=seed, arrival=self.clock(), kind=kind
+            )
+            self._preparing[req.id] = req
+        self._aux.submit(self._prepare, req)
+        return req
+
+    def cancel(self, request_id: str) -> bool:
+        """Mark a request cancelled; its batch slot frees at the next step boundary."""
+        with self._cond:
+            req = self._live.get(request_id) or self._preparing.get(request_id)
+            if req is None:
+                return False
+            req.cancelled = True
+            self._cond.notify_all()
+            return True
+
+    def queue_depth(self) -> int:
+        """Requests accepted but not yet stepped (being encoded, or waiting for a slot)."""
+        waiting = sum(1 for r in self._live.values() if r.seq is not None and r.seq.phase is Phase.WAITING)
+        return len(self._preparing) + waiting
+
+    def load(self) -> dict[str, float]:
+        """What the router balances on: counts and outstanding work in seconds and step units."""
+        with self._cond:
+            seqs = [r.seq for r in self._live.values() if r.seq is not None]
+            pending = list(self._preparing.values())
+            phases = [s.phase for s in seqs]
+            step_units = sum(s.steps_left * s.unet_rows for s in seqs)
+            step_units += sum(r.params.num_inference_steps * r.params.n * 2 for r in pending)
+            return {
+                "waiting": float(phases.count(Phase.WAITING) + len(pending)),
+                "running": float(phases.count(Phase.RUNNING)),
+                "paused": float(phases.count(Phase.PAUSED)),
+                "step_units": float(step_units),
+                "backlog_s": self._backlog_s(),
+                "max_batch": float(self.config.max_batch),
+            }
+
+    def retry_after_s(self) -> float:
+        return max(1.0, math.ceil(self._backlog_s()))
+
+    def _backlog_s(self) -> float:
+        """Seconds to finish everything accepted, if the batch stays full."""
+        total = 0.0
+        mb = self.config.max_batch
+        for r in list(self._live.values()) + list(self._preparing.values()):
+            shape = self.runner.latent_shape(r.params.width, r.params.height)
+            rows_per_image = 2 if r.params.guidance_scale > 1 else 1
+            steps = r.seq.steps_left if r.seq else r.params.num_inference_steps
+            full_step = self.cost.step_seconds(shape, mb * rows_per_image)
+            total += steps * full_step * r.params.n / mb
+        return total
+
+    # -- auxiliary thread ------------------------------------------------------------
+    def _prepare(self, req: EngineRequest) -> None:
+        if req.cancelled:
+            self._finish(req, "cancelled", RequestCancelled(req.id))
+            return
+        try:
+            tensors = self.runner.prepare(req.params, req.seed)
+        except Exception as exc:  # a bad request must not take the engine down
+            log.exception("prepare failed for %s", req.id)
+            self._finish(req, "error", exc)
+            return
+        p = req.params
+        shape = self.runner.latent_shape(p.width, p.height)
+        rows_per_image = 2 if p.guidance_scale > 1 else 1
+        solo = self.cost.service_seconds(shape, p.n * rows_per_image, p.num_inference_steps)
+        explicit = p.deadline_ms is not None
+        budget = p.deadline_ms / 1000.0 if explicit else self.config.slo_scale * solo
+        req.tensors = tensors
+        req.seq = Seq(
+            id=req.id,
+            shape=shape,
+            rows=p.n,
+            unet_rows=p.n * rows_per_image,
+            steps_total=p.num_inference_steps,
+            arrival=req.arrival,
+            deadline=req.arrival + budget,
+            explicit_deadline=explicit,
+            priority=int(p.priority),
+        )
+        with self._cond:
+            self._preparing.pop(req.id, None)
+            self._live[req.id] = req
+            self._cond.notify_all()
+
+    def _decode(self, req: EngineRequest) -> None:
+        try:
+            images = self.runner.decode(req.tensors)
+        except Exception as exc:
+            log.exception("decode failed for %s", req.id)
+            self._finish(req, "error", exc)
+            return
+        req.tensors = None
+        req.finished_at = self.clock()
+        result = EngineResult(
+            images=images,
+            seed=req.seed,
+            queue_s=(req.started_at or req.finished_at) - req.arrival,
+            total_s=req.finished_at - req.arrival,
+            steps=req.params.num_inference_steps,
+        )
+        self._finish(req, "ok", result=result)
+
+    def _finish(self, req: EngineRequest, outcome: str, error: BaseException | None = None, result: Any = None) -> None:
+        with self._cond:
+            self._preparing.pop(req.id, None)
+            self._live.pop(req.id, None)
+            self._cond.notify_all()
+        if req.finished_at is None:
+            req.finished_at = self.clock()
+        try:
+            self.observer.on_finish(req, outcome)
+        except Exception:  # metrics must never break serving
+            log.exception("observer failed")
+        if req.future.done():
+            return
+        if error is not None:
+            req.future.set_exception(error)
+        else:
+            req.future.set_result(result)
+
+    # -- step loop ---------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                if self._stopping:
+                    break
+                cancelled = [r for r in self._live.values() if r.cancelled]
+            for req in cancelled:
+                self._finish(req, "cancelled", RequestCancelled(req.id))
+            with self._cond:
+                seqs = {r.id: r.seq for r in self._live.values() if r.seq is not None}
+                plan = self.planner.plan(seqs.values(), self.clock())
+                if plan.idle:
+                    timeout = self.config.idle_poll_s
+                    if plan.wake_at is not None:
+                        timeout = min(timeout, max(0.0, plan.wake_at - self.clock()))
+                    self._cond.wait(timeout=timeout)
+                    continue
+                apply_plan(seqs, plan)
+                batch = [self._live[sid] for sid in plan.batch]
+                depth = self.queue_depth()
+            self.last_plan = plan
+            if plan.paused:
+                self.observer.on_preempt(len(plan.paused))
+                log.debug("plan: %s", "; ".join(plan.reasons))
+            self._run_step(batch, plan.shape, depth)
+
+    def _run_step(self, batch: list[EngineRequest], shape: Any, depth: int) -> None:
+        now = self.clock()
+        for req in batch:
+            if req.started_at is None:
+                req.started_at = now
+        t0 = time.perf_counter()
+        try:
+            self.runner.step([r.tensors for r in batch])
+        except Exception as exc:
+            # One model call serves the whole batch; if it fails we cannot tell whose input
+            # broke it, so retry each request alone before failing anyone.
+            log.exception("batched step failed; isolating")
+            self._isolate_failure(batch, exc)
+            return
+        seconds = time.perf_counter() - t0
+        self.steps_run += 1
+        rows = sum(r.seq.unet_rows for r in batch)
+        self.cost.observe(shape, rows, seconds)
+        self.observer.on_step(seconds, sum(r.seq.rows for r in batch), depth)
+        for req in batch:
+            req.seq.steps_done += 1
+            if req.seq.steps_left == 0:
+                with self._cond:
+                    self._live.pop(req.id, None)
+                self._aux.submit(self._decode, req)
+
+    def _isolate_failure(self, batch: list[EngineRequest], exc: Exception) -> None:
+        for req in batch:
+            try:
+                self.runner.step([req.tensors])
+            except Exception as own:
+                self._finish(req, "error", own)
+                continue
+            req.seq.steps_done += 1
+            if req.seq.steps_left == 0:
+                with self._cond:
+                    self._live.pop(req.id, None)
+                self._aux.submit(self._decode, req)
+
+    # -- convenience ---------------------------------------------------------------------
+    def generate(self, params: GenerationParams, timeout: float | None = None, kind: str = "generation") -> EngineResult:
+        """Submit and wait (for scripts and tests)."""
+        return self.submit(params, kind=kind).future.result(timeout=timeout)
+
+    def warmup(self, params: GenerationParams) -> None:
+        """Run one full (short) request so the first user does not pay for lazy initialisation."""
+        self.generate(params, timeout=600, kind="warmup")

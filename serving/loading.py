@@ -1,0 +1,111 @@
+"""Load a diffusers pipeline the way real weights are loaded: `from_pretrained`, from disk or hub.
+
+Built-in names (`tiny-sd`) are materialised to a local directory first and then take the
+same `from_pretrained` path, so tests exercise exactly what production runs. Offline use
+is honoured: `local_files_only=True` (or HF_HUB_OFFLINE=1) never touches the network.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stepfleet.serving.backends import Backend, resolve_backend, torch_device
+from stepfleet.serving.tiny_model import TINY_SD, ensure_tiny_sd
+
+log = logging.getLogger(__name__)
+
+BUILTIN_MODELS = (TINY_SD,)
+
+
+@dataclass
+class LoadedModel:
+    """A pipeline on its device, plus what the API needs to describe and validate against it."""
+
+    name: str
+    source: str
+    pipeline: Any  # diffusers.StableDiffusionPipeline (or a compatible family)
+    backend: Backend
+    default_size: tuple[int, int]  # (width, height)
+    latent_channels: int
+    vae_scale_factor: int
+
+    @property
+    def device(self):  # -> torch.device
+        return self.pipeline.unet.device
+
+
+def quiet_libraries() -> None:
+    """Silence progress bars and the torchvision fallback notice: a server logs, it doesn't draw."""
+    from diffusers.utils import logging as dlog
+
+    dlog.disable_progress_bar()
+    dlog.set_verbosity_error()
+    try:
+        from transformers.utils import logging as tlog
+
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    except Exception:  # pragma: no cover - older transformers
+        pass
+    warnings.filterwarnings("ignore", message=".*torchvision.*")
+
+
+def resolve_source(model: str, cache_dir: str | None = None) -> tuple[str, bool]:
+    """Map a model argument to (path or hub id, is_local)."""
+    if model in BUILTIN_MODELS:
+        return str(ensure_tiny_sd(cache_dir)), True
+    if Path(model).expanduser().is_dir():
+        return str(Path(model).expanduser()), True
+    return model, False
+
+
+def load_model(
+    model: str,
+    device: str = "auto",
+    dtype: str = "auto",
+    local_files_only: bool | None = None,
+    revision: str | None = None,
+    cache_dir: str | None = None,
+) -> LoadedModel:
+    """Load `model` (built-in name, local directory or hub id) onto the chosen backend."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    quiet_libraries()
+    backend = resolve_backend(device, dtype)
+    source, is_local = resolve_source(model, cache_dir)
+    offline = local_files_only
+    if offline is None:
+        offline = is_local or os.environ.get("HF_HUB_OFFLINE", "") in ("1", "true", "True")
+    kwargs: dict[str, Any] = {
+        "dtype": getattr(torch, backend.dtype),
+        "local_files_only": offline,
+        "safety_checker": None,
+        "requires_safety_checker": False,
+    }
+    if revision:
+        kwargs["revision"] = revision
+    log.info("loading %s from %s on %s (%s)", model, source, backend.name, backend.dtype)
+    pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    pipe = pipe.to(torch_device(backend))
+    for part in ("unet", "vae", "text_encoder"):
+        if getattr(pipe, part, None) is not None:
+            getattr(pipe, part).eval()
+    scale = int(getattr(pipe, "vae_scale_factor", 8))
+    sample = pipe.unet.config.sample_size
+    sample = sample if isinstance(sample, int) else sample[0]
+    return LoadedModel(
+        name=model,
+        source=source,
+        pipeline=pipe,
+        backend=backend,
+        default_size=(sample * scale, sample * scale),
+        latent_channels=int(pipe.unet.config.in_channels),
+        vae_scale_factor=scale,
+    )

@@ -1,0 +1,91 @@
+"""Prometheus metrics of a worker: names are a contract (dashboards, alerts, the control loop).
+
+Every family is prefixed `stepfleet_`, carries its unit in its name, and is labelled with
+the worker's `pool`, so one Prometheus query can compare pools. Each app gets its own
+registry, so several workers can live in one test process.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+#: Metric names other components rely on (the operator's observer, dashboards, alerts).
+QUEUE_DEPTH = "stepfleet_queue_depth"
+RUNNING_BATCH = "stepfleet_running_batch_size"
+STEP_SECONDS = "stepfleet_step_duration_seconds"
+REQUEST_SECONDS = "stepfleet_request_duration_seconds"
+QUEUE_SECONDS = "stepfleet_queue_wait_seconds"
+REQUESTS = "stepfleet_requests_total"
+IMAGES = "stepfleet_images_generated_total"
+SLO = "stepfleet_slo_requests_total"
+PREEMPTIONS = "stepfleet_preemptions_total"
+READY = "stepfleet_worker_ready"
+BACKLOG_SECONDS = "stepfleet_backlog_seconds"
+
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 60, 120)
+_STEP_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2)
+
+
+class WorkerMetrics:
+    """The worker's metric families, and the engine observer hooks that feed them."""
+
+    def __init__(self, pool: str = "local", registry: CollectorRegistry | None = None) -> None:
+        self.pool = pool
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.queue_depth = Gauge(QUEUE_DEPTH, "Requests accepted but not yet running.", ["pool"], registry=r)
+        self.running_batch = Gauge(RUNNING_BATCH, "Images in the last denoising step's batch.", ["pool"], registry=r)
+        self.step_seconds = Histogram(
+            STEP_SECONDS, "Duration of one batched denoising step.", ["pool"], buckets=_STEP_BUCKETS, registry=r
+        )
+        self.request_seconds = Histogram(
+            REQUEST_SECONDS,
+            "End-to-end request latency inside the worker, by kind.",
+            ["pool", "kind"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_seconds = Histogram(
+            QUEUE_SECONDS, "Time from arrival to first denoising step.", ["pool", "kind"], buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.requests = Counter(REQUESTS, "Requests by kind and outcome.", ["pool", "kind", "status"], registry=r)
+        self.images = Counter(IMAGES, "Images returned to clients.", ["pool"], registry=r)
+        self.slo = Counter(
+            SLO, "Requests with an explicit deadline, by whether it was met.", ["pool", "kind", "outcome"], registry=r
+        )
+        self.preemptions = Counter(PREEMPTIONS, "Requests paused at a step boundary for a more urgent one.", ["pool"],
+                                   registry=r)
+        self.ready = Gauge(READY, "1 once the model is loaded and warmed up.", ["pool"], registry=r)
+        self.backlog = Gauge(BACKLOG_SECONDS, "Estimated seconds to finish all accepted work.", ["pool"], registry=r)
+        for fam in (self.queue_depth, self.running_batch, self.ready, self.backlog, self.preemptions,
+                    self.images, self.step_seconds):
+            fam.labels(self.pool)
+
+    # EngineObserver hooks -------------------------------------------------------------
+    def on_step(self, seconds: float, batch_images: int, queue_depth: int) -> None:
+        self.step_seconds.labels(self.pool).observe(seconds)
+        self.running_batch.labels(self.pool).set(batch_images)
+        self.queue_depth.labels(self.pool).set(queue_depth)
+
+    def on_finish(self, request, outcome: str) -> None:  # request: EngineRequest
+        kind = request.kind
+        if kind == "warmup":
+            return
+        self.requests.labels(self.pool, kind, outcome).inc()
+        if outcome != "ok":
+            return
+        self.images.labels(self.pool).inc(request.params.n)
+        self.request_seconds.labels(self.pool, kind).observe(request.finished_at - request.arrival)
+        if request.started_at is not None:
+            self.queue_seconds.labels(self.pool, kind).observe(request.started_at - request.arrival)
+        met = request.deadline_met
+        if met is not None:
+            self.slo.labels(self.pool, kind, "met" if met else "missed").inc()
+
+    def on_preempt(self, count: int) -> None:
+        self.preemptions.labels(self.pool).inc(count)
+
+    def on_rejected(self, kind: str, status: str) -> None:
+        """Requests refused before reaching the engine (validation, overload)."""
+        self.requests.labels(self.pool, kind, status).inc()

@@ -1,0 +1,130 @@
+"""What a client may ask of the engine, and the limits that keep a worker safe.
+
+Pure data and validation (no torch, no HTTP): the worker app turns a JSON body into
+`GenerationParams` and the engine trusts them. Every rejection names the field, so the HTTP
+layer can answer 400 with OpenAI's `param`.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+SCHEDULERS: tuple[str, ...] = ("ddim", "euler", "euler_a", "dpmpp_2m", "lcm")
+OUTPUT_FORMATS: tuple[str, ...] = ("png", "jpeg", "webp")
+#: LCM's schedule is distilled from 50 original steps; it cannot sample more than that.
+LCM_MAX_STEPS = 50
+
+
+class Priority(enum.IntEnum):
+    """Priority classes: a higher class is always served before a lower one."""
+
+    LOW = 0
+    NORMAL = 1
+    HIGH = 2
+
+    @classmethod
+    def parse(cls, value: str | int | None) -> Priority:
+        if value is None:
+            return cls.NORMAL
+        if isinstance(value, bool):
+            raise InvalidParam("priority", "must be one of 'low', 'normal', 'high'")
+        if isinstance(value, int):
+            if value in (0, 1, 2):
+                return cls(value)
+        elif isinstance(value, str) and value.upper() in cls.__members__:
+            return cls[value.upper()]
+        raise InvalidParam("priority", f"must be one of 'low', 'normal', 'high' (got {value!r})")
+
+
+class InvalidParam(ValueError):
+    """A request field has a value the worker cannot serve; `param` names the field."""
+
+    def __init__(self, param: str, message: str, code: str = "invalid_value") -> None:
+        super().__init__(f"{param}: {message}")
+        self.param = param
+        self.message = message
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Limits:
+    """A worker's guard rails; the defaults suit SD-1.x-class models."""
+
+    max_image_size: int = 1024
+    min_image_size: int = 64
+    max_steps: int = 200
+    max_images: int = 8
+    max_prompt_chars: int = 4000
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """One validated text-to-image request (all `n` images share prompt, settings and seed)."""
+
+    prompt: str
+    width: int
+    height: int
+    n: int = 1
+    num_inference_steps: int = 20
+    guidance_scale: float = 7.5
+    negative_prompt: str | None = None
+    scheduler: str | None = None  # None: the model's own default scheduler
+    seed: int | None = None
+    priority: Priority = Priority.NORMAL
+    deadline_ms: float | None = None  # relative to arrival; None: the engine derives one
+    output_format: str = "png"
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+def parse_size(size: str | None, default: tuple[int, int], limits: Limits) -> tuple[int, int]:
+    """OpenAI's `size` ("WxH" or "auto") → (width, height), checked against the model's limits."""
+    if size is None or size == "auto":
+        return default
+    if not isinstance(size, str) or "x" not in size:
+        raise InvalidParam("size", f"must look like '256x256' or be 'auto' (got {size!r})")
+    w_s, _, h_s = size.partition("x")
+    try:
+        width, height = int(w_s), int(h_s)
+    except ValueError:
+        raise InvalidParam("size", f"must look like '256x256' or be 'auto' (got {size!r})") from None
+    for dim in (width, height):
+        if dim % 8:
+            raise InvalidParam("size", f"width and height must be multiples of 8 (got {size})")
+        if dim < limits.min_image_size or dim > limits.max_image_size:
+            raise InvalidParam(
+                "size",
+                f"width and height must be between {limits.min_image_size} and "
+                f"{limits.max_image_size} for this model (got {size})",
+            )
+    return width, height
+
+
+def validate(params: GenerationParams, limits: Limits) -> GenerationParams:
+    """Check ranges the schema cannot express; raise InvalidParam naming the field."""
+    if not params.prompt or not params.prompt.strip():
+        raise InvalidParam("prompt", "must be a non-empty string")
+    if len(params.prompt) > limits.max_prompt_chars:
+        raise InvalidParam("prompt", f"must be at most {limits.max_prompt_chars} characters")
+    if not 1 <= params.n <= limits.max_images:
+        raise InvalidParam("n", f"must be between 1 and {limits.max_images} (got {params.n})")
+    if not 1 <= params.num_inference_steps <= limits.max_steps:
+        raise InvalidParam(
+            "num_inference_steps",
+            f"must be between 1 and {limits.max_steps} (got {params.num_inference_steps})",
+        )
+    if params.scheduler is not None and params.scheduler not in SCHEDULERS:
+        raise InvalidParam(
+            "scheduler", f"unknown scheduler {params.scheduler!r}; choose one of {', '.join(SCHEDULERS)}"
+        )
+    if params.scheduler == "lcm" and params.num_inference_steps > LCM_MAX_STEPS:
+        raise InvalidParam("num_inference_steps", f"the lcm scheduler supports at most {LCM_MAX_STEPS} steps")
+    if not 0.0 <= params.guidance_scale <= 50.0:
+        raise InvalidParam("guidance_scale", f"must be between 0 and 50 (got {params.guidance_scale})")
+    if params.seed is not None and not 0 <= params.seed < 2**63:
+        raise InvalidParam("seed", "must be a non-negative 64-bit integer")
+    if params.deadline_ms is not None and params.deadline_ms <= 0:
+        raise InvalidParam("deadline_ms", "must be positive")
+    if params.output_format not in OUTPUT_FORMATS:
+        raise InvalidParam("output_format", f"must be one of {', '.join(OUTPUT_FORMATS)}")
+    return params

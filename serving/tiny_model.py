@@ -1,0 +1,159 @@
+"""The built-in `tiny-sd` model: a Stable-Diffusion-shaped pipeline small enough for a laptop CPU.
+
+Why it exists: tests, the demo and CI must run the *real* serving path — a diffusers
+pipeline loaded with `from_pretrained` from a directory on disk — without downloading
+weights. So the tiny model is built from configs with a fixed seed, written once with
+`save_pretrained`, and from then on always loaded back from disk exactly like real weights.
+
+Shape choices (see TOOLING.md): the VAE has four blocks so the latent scale factor is 8,
+as in SD 1.x/2.x; the UNet has two levels with cross-attention so the per-step cost has
+the same structure (convolutions plus transformer blocks) as the real model; the tokenizer
+is a byte-level CLIP BPE with a vocabulary written locally.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+TINY_SD = "tiny-sd"
+TINY_SD_SEED = 0
+#: Bumped whenever the configs below change, so stale caches are rebuilt.
+TINY_SD_VERSION = "1"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte→unicode table, so every byte has a printable token."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs), strict=True))
+
+
+def write_tokenizer_files(directory: Path) -> None:
+    """Write a byte-level CLIP vocabulary (every byte, with and without `</w>`) and a few merges."""
+    directory.mkdir(parents=True, exist_ok=True)
+    chars = list(_bytes_to_unicode().values())
+    tokens = chars + [c + "</w>" for c in chars]
+    # A handful of merges of common English letter pairs keeps tokenisation non-trivial.
+    merges = [("t", "h"), ("i", "n"), ("a", "n"), ("th", "e</w>"), ("o", "n</w>"), ("a", "t</w>")]
+    tokens += ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
+    (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (directory / "merges.txt").write_text(
+        "#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n", encoding="utf-8"
+    )
+
+
+def build_tiny_sd(out_dir: str | os.PathLike[str]) -> Path:
+    """Build the tiny pipeline with a fixed seed and `save_pretrained` it to `out_dir`."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    out = Path(out_dir)
+    tok_dir = out / "_tokenizer_src"
+    write_tokenizer_files(tok_dir)
+    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"))
+    tokenizer.model_max_length = 77
+
+    torch.manual_seed(TINY_SD_SEED)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    torch.manual_seed(TINY_SD_SEED + 1)
+    vae = AutoencoderKL(
+        block_out_channels=(16, 16, 32, 32),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=256,
+    )
+    torch.manual_seed(TINY_SD_SEED + 2)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            hidden_size=32,
+            intermediate_size=37,
+            layer_norm_eps=1e-05,
+            num_attention_heads=4,
+            num_hidden_layers=5,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=77,
+        )
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(out))
+    (out / "stepfleet_model.json").write_text(
+        json.dumps({"name": TINY_SD, "version": TINY_SD_VERSION, "seed": TINY_SD_SEED})
+    )
+    return out
+
+
+def default_cache_dir() -> Path:
+    """Where built-in models are materialised: $STEPFLEET_CACHE, else ~/.cache/stepfleet."""
+    root = os.environ.get("STEPFLEET_CACHE") or os.path.join(Path.home(), ".cache", "stepfleet")
+    return Path(root) / "models"
+
+
+def ensure_tiny_sd(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Return the directory of tiny-sd, building it on first use (atomically, safe for parallel workers)."""
+    base = Path(cache_dir) if cache_dir else default_cache_dir()
+    target = base / f"{TINY_SD}-v{TINY_SD_VERSION}"
+    if (target / "model_index.json").exists():
+        return target
+    base.mkdir(parents=True, exist_ok=True)
+    staging = base / f".{TINY_SD}-{os.getpid()}-{id(base)}"
+    build_tiny_sd(staging)
+    try:
+        staging.rename(target)
+    except OSError:  # another process won the race; its copy is identical (same seed)
+        import shutil
+
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

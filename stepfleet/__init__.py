@@ -1,0 +1,2 @@
+"""stepfleet: diffusion serving across heterogeneous accelerators."""
+__version__ = "0.1.0"

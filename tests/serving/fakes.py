@@ -1,0 +1,66 @@
+"""A runner with no model: deterministic, fast, and able to fail or stall on request.
+
+Used only for tests of the engine's *scheduling* (who runs when, cancellation, failures,
+overload); numerical behaviour is tested against the real tiny model.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+
+@dataclass
+class FakeTensors:
+    prompt: str
+    steps: int
+    n: int
+    shape: tuple[int, int, int]
+    done: int = 0
+    trace: list[int] = field(default_factory=list)
+
+
+class FakeRunner:
+    def __init__(self, step_s: float = 0.005, fail_prompt: str = "boom", fail_step_prompt: str = "crash") -> None:
+        self.step_s = step_s
+        self.fail_prompt = fail_prompt
+        self.fail_step_prompt = fail_step_prompt
+        self.batches: list[list[str]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.lock = threading.Lock()
+
+    def latent_shape(self, width: int, height: int) -> tuple[int, int, int]:
+        return (4, height // 8, width // 8)
+
+    def prepare(self, params, seed):
+        if params.prompt == self.fail_prompt:
+            raise ValueError("cannot encode this prompt")
+        return FakeTensors(params.prompt, params.num_inference_steps, params.n, self.latent_shape(params.width, params.height))
+
+    def step(self, batch):
+        self.gate.wait()
+        if any(t.prompt == self.fail_step_prompt for t in batch):
+            raise RuntimeError("bad tensor in batch")
+        with self.lock:
+            self.batches.append([t.prompt for t in batch])
+        time.sleep(self.step_s)
+        for t in batch:
+            t.done += 1
+
+    def decode(self, tensors):
+        assert tensors.done == tensors.steps, "decoded before the last step"
+        images = []
+        for i in range(tensors.n):
+            img = Image.new("RGB", (8, 8))
+            img.info["label"] = f"{tensors.prompt}#{i}"
+            images.append(img)
+        return images
+
+
+def labels(result) -> list[str]:
+    """Which request and image index each returned image came from."""
+    return [im.info["label"] for im in result.images]

@@ -1,0 +1,153 @@
+"""The step planner's decisions, on hand-built sequences (no torch), as in vLLM's scheduler tests."""
+
+import math
+
+from stepfleet.serving.costmodel import StepCostModel
+from stepfleet.serving.planner import Phase, PlannerConfig, Seq, StepPlanner, apply_plan
+
+SHAPE = (4, 32, 32)
+OTHER = (4, 64, 64)
+
+
+def seq(sid, arrival=0.0, steps=10, rows=1, shape=SHAPE, priority=1, deadline=math.inf, explicit=False, phase=Phase.WAITING, done=0):
+    return Seq(id=sid, shape=shape, rows=rows, steps_total=steps, arrival=arrival, deadline=deadline,
+               explicit_deadline=explicit, priority=priority, phase=phase, steps_done=done)
+
+
+def planner(**kw):
+    cost = StepCostModel()
+    cost.observe(SHAPE, 1, 0.1)
+    cost.observe(SHAPE, 4, 0.2)
+    return StepPlanner(PlannerConfig(**kw), cost)
+
+
+def run_steps(p, seqs, steps, now=0.0, dt=0.1):
+    """Drive the planner like the engine does; returns the plans."""
+    table = {s.id: s for s in seqs}
+    plans = []
+    for _ in range(steps):
+        plan = p.plan(table.values(), now)
+        plans.append(plan)
+        if plan.idle:
+            break
+        apply_plan(table, plan)
+        for sid in plan.batch:
+            table[sid].steps_done += 1
+            if table[sid].steps_left == 0:
+                del table[sid]
+        now += dt
+    return plans
+
+
+def test_admits_up_to_max_batch_in_arrival_order():
+    p = planner(max_batch=2)
+    plan = p.plan([seq("a", 0), seq("b", 1), seq("c", 2)], now=3)
+    assert plan.batch == ("a", "b") and plan.admitted == ("a", "b")
+
+
+def test_new_request_joins_running_batch_at_next_step():
+    p = planner(max_batch=4)
+    running = seq("a", 0, phase=Phase.RUNNING, done=3)
+    plan = p.plan([running, seq("b", 1)], now=1)
+    assert plan.batch == ("a", "b") and plan.admitted == ("b",)
+
+
+def test_finished_request_leaves_and_frees_its_slot():
+    p = planner(max_batch=1)
+    plans = run_steps(p, [seq("a", 0, steps=2), seq("b", 0.5, steps=1)], steps=5)
+    assert [pl.batch for pl in plans if not pl.idle] == [("a",), ("a",), ("b",)]
+
+
+def test_earliest_deadline_first_among_waiting():
+    p = planner(max_batch=1)
+    plan = p.plan([seq("late", 0, deadline=50), seq("soon", 5, deadline=10)], now=6)
+    assert plan.batch == ("soon",)
+
+
+def test_priority_class_beats_deadline():
+    p = planner(max_batch=1)
+    plan = p.plan([seq("normal", 0, deadline=1), seq("vip", 5, priority=2, deadline=100)], now=6)
+    assert plan.batch == ("vip",)
+
+
+def test_one_shape_per_step_and_fifo_across_shapes():
+    p = planner(max_batch=4)
+    a = seq("a", 0, phase=Phase.RUNNING, done=1)
+    big = seq("big", 1, shape=OTHER)
+    late_small = seq("late", 2)
+    plan = p.plan([a, big, late_small], now=3)
+    # `late` arrived after `big` (another shape), so it may not jump ahead of it: the group drains.
+    assert plan.batch == ("a",)
+    assert set(plan.batch) <= {"a"} and plan.shape == SHAPE
+
+
+def test_shape_group_drains_then_other_shape_runs():
+    p = planner(max_batch=4)
+    plans = run_steps(p, [seq("a", 0, steps=2), seq("big", 1, shape=OTHER, steps=1), seq("late", 2, steps=1)], 6)
+    batches = [pl.batch for pl in plans if not pl.idle]
+    assert batches[0] == ("a",)  # the plan at t=0 sees every seq, but `big` is older than `late`
+    assert ("big",) in batches
+    assert batches.index(("big",)) < next(i for i, b in enumerate(batches) if "late" in b)
+
+
+def test_higher_priority_preempts_most_slack_running_request():
+    p = planner(max_batch=2)
+    r1 = seq("r1", 0, phase=Phase.RUNNING, done=2, deadline=100)
+    r2 = seq("r2", 0, phase=Phase.RUNNING, done=2, deadline=5)
+    vip = seq("vip", 1, priority=2)
+    plan = p.plan([r1, r2, vip], now=1)
+    assert plan.paused == ("r1",)
+    assert set(plan.batch) == {"r2", "vip"}
+    assert any("preempts r1" in r for r in plan.reasons)
+
+
+def test_same_class_preemption_needs_deadline_at_risk():
+    p = planner(max_batch=1)
+    running = seq("r", 0, steps=50, phase=Phase.RUNNING, done=1, deadline=1000)
+    relaxed = seq("relaxed", 1, steps=5, deadline=1000, explicit=True)
+    assert p.plan([running, relaxed], now=1).paused == ()
+    urgent = seq("urgent", 1, steps=5, deadline=2.5, explicit=True)
+    plan = p.plan([running, urgent], now=1)
+    assert plan.paused == ("r",) and plan.batch == ("urgent",)
+
+
+def test_no_preemption_when_victim_cannot_afford_it():
+    p = planner(max_batch=1)
+    running = seq("r", 0, steps=50, phase=Phase.RUNNING, done=1, deadline=6)
+    urgent = seq("urgent", 1, steps=5, deadline=2.5, explicit=True)
+    assert p.plan([running, urgent], now=1).paused == ()
+
+
+def test_paused_request_resumes_where_it_stopped():
+    p = planner(max_batch=1)
+    paused = seq("p", 0, steps=10, phase=Phase.PAUSED, done=4)
+    plan = p.plan([paused], now=2)
+    assert plan.resumed == ("p",) and plan.batch == ("p",)
+    assert paused.steps_done == 4
+
+
+def test_preemption_disabled():
+    p = planner(max_batch=1, preemption=False)
+    running = seq("r", 0, phase=Phase.RUNNING, done=1)
+    assert p.plan([running, seq("vip", 1, priority=2)], now=1).batch == ("r",)
+
+
+def test_n_images_take_n_slots():
+    p = planner(max_batch=4)
+    plan = p.plan([seq("three", 0, rows=3), seq("two", 1, rows=2), seq("one", 2, rows=1)], now=3)
+    assert plan.batch == ("three",)  # head-of-line `two` does not fit; `one` may not jump ahead
+
+
+def test_static_waits_to_fill_then_runs_to_completion():
+    p = planner(max_batch=2, policy="static", static_wait_s=1.0)
+    first = p.plan([seq("a", 0)], now=0.2)
+    assert first.idle and first.wake_at == 1.0
+    plan = p.plan([seq("a", 0), seq("b", 0.5)], now=0.6)
+    assert plan.batch == ("a", "b")
+    table = {"a": seq("a", 0, phase=Phase.RUNNING), "c": seq("c", 0.7)}
+    assert p.plan(table.values(), now=0.8).batch == ("a",)  # nobody joins a running static batch
+
+
+def test_static_runs_partial_batch_after_timeout():
+    p = planner(max_batch=4, policy="static", static_wait_s=1.0)
+    assert p.plan([seq("a", 0)], now=1.5).batch == ("a",)
