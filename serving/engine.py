@@ -105,6 +105,8 @@ class EngineResult:
     queue_s: float
     total_s: float
     steps: int
+    #: Final latents (on the CPU), for equality checks; None for runners without tensors.
+    latents: Any = None
 
 
 class _NullObserver:
@@ -153,6 +155,7 @@ class Engine:
         self._accepting = True
         self.steps_run = 0
         self.last_plan = None
+        self.keep_latents = False  # the benchmark turns this on to check batch invariance
 
     # -- lifecycle -----------------------------------------------------------------
     def start(self) -> Engine:
@@ -282,6 +285,7 @@ class Engine:
             self._cond.notify_all()
 
     def _decode(self, req: EngineRequest) -> None:
+        latents = getattr(req.tensors, "latents", None)
         try:
             images = self.runner.decode(req.tensors)
         except Exception as exc:
@@ -296,6 +300,7 @@ class Engine:
             queue_s=(req.started_at or req.finished_at) - req.arrival,
             total_s=req.finished_at - req.arrival,
             steps=req.params.num_inference_steps,
+            latents=latents.detach().to("cpu") if self.keep_latents and latents is not None else None,
         )
         self._finish(req, "ok", result=result)
 

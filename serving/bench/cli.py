@@ -1,0 +1,40 @@
+"""`stepfleet bench NAME`: benchmarks print JSON on stdout and a human summary on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="stepfleet bench", description="Run a benchmark and print its figures.")
+    sub = ap.add_subparsers(dest="name", required=True)
+    eng = sub.add_parser("engine", help="continuous vs static vs one-at-a-time (live and replayed)")
+    eng.add_argument("--json", action="store_true", help="print the JSON result on stdout")
+    eng.add_argument("--quick", action="store_true", help="fewer live requests, live only at load 0.9 (< 3 min)")
+    eng.add_argument("--model", default="tiny-sd")
+    eng.add_argument("--device", default="auto")
+    eng.add_argument("--dtype", default="auto")
+    eng.add_argument("--size", type=int, default=256)
+    eng.add_argument("--max-batch", type=int, default=4)
+    eng.add_argument("--live-requests", type=int, default=None)
+    eng.add_argument("--seed", type=int, default=7)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    from stepfleet.serving.bench.engine_bench import BenchConfig, run, summary
+
+    cfg = BenchConfig(
+        model=args.model, device=args.device, dtype=args.dtype, size=args.size, max_batch=args.max_batch,
+        seed=args.seed,
+        live_requests=args.live_requests or (16 if args.quick else 40),
+        live_loads=(0.9,) if args.quick else (0.7, 0.9, 1.1),
+        replay_requests=1000 if args.quick else 2000,
+    )
+    result = run(cfg, quick=args.quick)
+    print(summary(result), file=sys.stderr)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    return 0

@@ -1,0 +1,280 @@
+"""`stepfleet bench engine`: continuous batching vs static batching vs one request at a time.
+
+One run, one seeded Poisson trace (steps mixed 10/20/30, schedulers mixed) at loads 0.7,
+0.9 and 1.1 of the measured capacity of `fifo`:
+
+- `fifo`: diffusers' `StableDiffusionPipeline`, one request at a time (a plain FastAPI +
+  diffusers server);
+- `static`: request-level batching on the same engine machinery (fill to max batch or a
+  wait timeout, run that batch to completion);
+- `continuous`: the step-level engine.
+
+Each policy runs live, and the same trace is replayed (discrete events) on the step-cost
+table measured at the start of the run, because these machines drift ±10–15 %. Ratios
+are taken from the replay. `solo_vs_mixed_max_rel_diff` re-runs requests from the live
+continuous run alone and compares final latents.
+"""
+
+from __future__ import annotations
+
+import queue
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from stepfleet.serving.bench.replay import CostTable, fifo_capacity_rps, replay_engine, replay_fifo
+from stepfleet.serving.bench.trace import STEP_MIX, TraceRequest, latency_stats, poisson_trace
+from stepfleet.serving.engine import Engine, EngineConfig
+from stepfleet.serving.params import GenerationParams
+from stepfleet.serving.planner import PlannerConfig
+
+LOADS = (0.7, 0.9, 1.1)
+POLICIES = ("fifo", "static", "continuous")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model: str = "tiny-sd"
+    device: str = "auto"
+    dtype: str = "auto"
+    size: int = 256
+    max_batch: int = 4
+    guidance_scale: float = 7.5
+    static_wait_s: float = 0.5
+    slo_scale: float = 4.0
+    seed: int = 7
+    live_requests: int = 40
+    replay_requests: int = 2000
+    live_loads: tuple[float, ...] = LOADS
+    solo_checks: int = 4
+
+
+def _params(r: TraceRequest, cfg: BenchConfig) -> GenerationParams:
+    return GenerationParams(
+        prompt=r.prompt, width=cfg.size, height=cfg.size, num_inference_steps=r.steps, scheduler=r.scheduler,
+        seed=r.seed, guidance_scale=cfg.guidance_scale,
+    )
+
+
+def _interleaved_min(fns: dict[Any, Any], reps: int) -> dict[Any, float]:
+    """Time each callable `reps` times, round-robin, and keep each one's fastest run.
+
+    Round-robin spreads a slow minute over all candidates alike, and the minimum is the
+    figure least disturbed by other processes on a shared 2-core machine.
+    """
+    best = {k: float("inf") for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[k] = min(best[k], time.perf_counter() - t0)
+    return best
+
+
+def measure_costs(model: Any, runner: Any, cfg: BenchConfig, quick: bool) -> CostTable:
+    """The step-cost table the replay uses, measured now on this machine."""
+    import torch
+
+    from stepfleet.serving.schedulers import make_scheduler
+
+    reps = 4 if quick else 7
+    rows_per_image = 2 if cfg.guidance_scale > 1 else 1
+    reqs = {}
+    for images in range(1, cfg.max_batch + 1):
+        req = runner.prepare(
+            GenerationParams(prompt="cost", width=cfg.size, height=cfg.size, n=images, num_inference_steps=200,
+                             guidance_scale=cfg.guidance_scale), seed=0)
+        runner.step([req])  # warm
+        reqs[images * rows_per_image] = req
+    step_s = _interleaved_min({rows: (lambda req=req: runner.step([req])) for rows, req in reqs.items()}, reps)
+    one = GenerationParams(prompt="cost", width=cfg.size, height=cfg.size, num_inference_steps=10,
+                           guidance_scale=cfg.guidance_scale)
+    done = runner.prepare(one, 0)
+    aux = _interleaved_min({"encode": lambda: runner.prepare(one, 0), "decode": lambda: runner.decode(done)}, reps)
+
+    pipe = model.pipeline
+    base = pipe.scheduler
+
+    def pipeline_call(steps: int) -> None:
+        pipe.scheduler = make_scheduler("ddim", base.config, type(base))
+        pipe("cost", height=cfg.size, width=cfg.size, num_inference_steps=steps, guidance_scale=cfg.guidance_scale,
+             generator=torch.Generator().manual_seed(0))
+
+    try:
+        pipeline_call(2)
+        fifo = _interleaved_min({10: lambda: pipeline_call(10), 30: lambda: pipeline_call(30)}, max(2, reps - 3))
+    finally:
+        pipe.scheduler = base
+    fifo_step = (fifo[30] - fifo[10]) / 20
+    if fifo_step <= 0:  # too noisy to fit a line: fall back to the engine's own single-request step
+        fifo_step = step_s[rows_per_image]
+    return CostTable(step_s_by_rows=step_s, encode_s=aux["encode"], decode_s=aux["decode"], fifo_step_s=fifo_step,
+                     fifo_overhead_s=max(0.0, fifo[10] - 10 * fifo_step))
+
+
+def run_live_fifo(model: Any, trace: Sequence[TraceRequest], cfg: BenchConfig) -> dict[str, float]:
+    """One pipeline call at a time, FCFS, requests arriving on the trace's clock."""
+    import torch
+
+    from stepfleet.serving.schedulers import make_scheduler
+
+    pipe = model.pipeline
+    base = pipe.scheduler
+    inbox: queue.Queue[tuple[TraceRequest, float] | None] = queue.Queue()
+    arrivals: list[float] = []
+    finishes: list[float] = []
+
+    def serve() -> None:
+        while (item := inbox.get()) is not None:
+            r, arrived = item
+            pipe.scheduler = make_scheduler(r.scheduler, base.config, type(base))
+            pipe(r.prompt, height=cfg.size, width=cfg.size, num_inference_steps=r.steps,
+                 guidance_scale=cfg.guidance_scale, generator=torch.Generator().manual_seed(r.seed))
+            arrivals.append(arrived)
+            finishes.append(time.monotonic())
+
+    worker = threading.Thread(target=serve, daemon=True)
+    worker.start()
+    _drive(trace, lambda r: inbox.put((r, time.monotonic())))
+    inbox.put(None)
+    worker.join()
+    pipe.scheduler = base
+    return latency_stats(arrivals, finishes)
+
+
+def run_live_engine(
+    runner: Any, trace: Sequence[TraceRequest], cfg: BenchConfig, policy: str, keep_latents: bool = False
+) -> tuple[dict[str, float], list[tuple[TraceRequest, Any]]]:
+    engine = Engine(runner, EngineConfig(max_batch=cfg.max_batch, max_queue=10_000, policy=policy,
+                                         static_wait_s=cfg.static_wait_s, slo_scale=cfg.slo_scale))
+    engine.keep_latents = keep_latents
+    # Seed the engine's cost model so its first deadlines are sensible.
+    engine.start()
+    submitted: list[tuple[TraceRequest, Any]] = []
+    _drive(trace, lambda r: submitted.append((r, engine.submit(_params(r, cfg), request_id=r.id))))
+    results = [(r, req.future.result(timeout=3600)) for r, req in submitted]
+    engine.stop(drain=True)
+    arrivals = [req.arrival for _, req in submitted]
+    finishes = [req.arrival + res.total_s for (_, req), (_, res) in zip(submitted, results, strict=True)]
+    return latency_stats(arrivals, finishes), results
+
+
+def _drive(trace: Sequence[TraceRequest], send) -> None:
+    """Call `send(request)` at each request's arrival time (open loop)."""
+    t0 = time.monotonic()
+    for r in sorted(trace, key=lambda r: r.arrival_s):
+        delay = t0 + r.arrival_s - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        send(r)
+
+
+def solo_vs_mixed(runner: Any, results: Sequence[tuple[TraceRequest, Any]], cfg: BenchConfig) -> float:
+    """Largest relative difference between a request's latents in the live run and alone."""
+    worst = 0.0
+    for r, res in list(results)[: cfg.solo_checks]:
+        t = runner.prepare(_params(r, cfg), r.seed)
+        for _ in range(r.steps):
+            runner.step([t])
+        solo = t.latents.detach().to("cpu")
+        worst = max(worst, float((res.latents - solo).abs().max() / solo.abs().max()))
+    return worst
+
+
+def run(cfg: BenchConfig, quick: bool, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict[str, Any]:
+    from stepfleet.serving.loading import load_model
+    from stepfleet.serving.runner import ModelRunner
+
+    t_start = time.monotonic()
+    model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    runner = ModelRunner(model)
+    log(f"measuring step costs on {model.backend.name} ({model.backend.dtype}) ...")
+    table = measure_costs(model, runner, cfg, quick)
+    cap = fifo_capacity_rps(table, STEP_MIX)
+    log(f"fifo capacity {cap:.3f} req/s; step seconds by UNet rows: "
+        + ", ".join(f"{k}: {v * 1000:.1f}ms" for k, v in sorted(table.step_s_by_rows.items())))
+    continuous = PlannerConfig(max_batch=cfg.max_batch)
+    static = PlannerConfig(max_batch=cfg.max_batch, policy="static", static_wait_s=cfg.static_wait_s)
+    rows = 2 if cfg.guidance_scale > 1 else 1
+    shape = runner.latent_shape(cfg.size, cfg.size)
+    loads_out = []
+    solo_diff = None
+    for load in LOADS:
+        entry: dict[str, Any] = {"load": load, "rate_rps": load * cap}
+        long_trace = poisson_trace(load * cap, cfg.replay_requests, seed=cfg.seed)
+        entry["replay"] = {
+            "fifo": replay_fifo(long_trace, table),
+            "static": replay_engine(long_trace, table, static, rows, cfg.slo_scale, shape),
+            "continuous": replay_engine(long_trace, table, continuous, rows, cfg.slo_scale, shape),
+        }
+        if load in cfg.live_loads:
+            trace = poisson_trace(load * cap, cfg.live_requests, seed=cfg.seed)
+            live: dict[str, Any] = {}
+            log(f"load {load}: live fifo ({len(trace)} requests) ...")
+            live["fifo"] = run_live_fifo(model, trace, cfg)
+            log(f"load {load}: live static ...")
+            live["static"], _ = run_live_engine(runner, trace, cfg, "static")
+            log(f"load {load}: live continuous ...")
+            live["continuous"], results = run_live_engine(runner, trace, cfg, "continuous", keep_latents=True)
+            entry["live"] = live
+            if solo_diff is None:
+                solo_diff = solo_vs_mixed(runner, results, cfg)
+        loads_out.append(entry)
+    saturated = poisson_trace(3.0 * cap, cfg.replay_requests, seed=cfg.seed)
+
+    def at(load: float) -> dict[str, Any]:
+        return next(e for e in loads_out if e["load"] == load)["replay"]
+
+    r09, r11 = at(0.9), at(1.1)
+    sat_fifo = replay_fifo(saturated, table)
+    sat_cont = replay_engine(saturated, table, continuous, rows, cfg.slo_scale, shape)
+    out = {
+        "benchmark": "engine",
+        "model": cfg.model,
+        "device": model.backend.name,
+        "dtype": model.backend.dtype,
+        "size": f"{cfg.size}x{cfg.size}",
+        "max_batch": cfg.max_batch,
+        "quick": quick,
+        "cost_table": {
+            "step_s_by_unet_rows": {str(k): v for k, v in sorted(table.step_s_by_rows.items())},
+            "encode_s": table.encode_s,
+            "decode_s": table.decode_s,
+            "fifo_step_s": table.fifo_step_s,
+            "fifo_overhead_s": table.fifo_overhead_s,
+        },
+        "fifo_capacity_rps": cap,
+        "loads": loads_out,
+        "ratios": {
+            "continuous_vs_fifo_mean_latency_at_0.9": r09["continuous"]["mean_s"] / r09["fifo"]["mean_s"],
+            "continuous_vs_static_mean_latency_at_0.9": r09["continuous"]["mean_s"] / r09["static"]["mean_s"],
+            "continuous_vs_static_p95_at_0.9": r09["continuous"]["p95_s"] / r09["static"]["p95_s"],
+            "continuous_vs_fifo_throughput_at_1.1": r11["continuous"]["throughput_rps"] / r11["fifo"]["throughput_rps"],
+            # Offered load 1.1 caps the ratio above at ~1.1; this is the capacity ratio at saturation (3x).
+            "continuous_vs_fifo_throughput_saturated": sat_cont["throughput_rps"] / sat_fifo["throughput_rps"],
+        },
+        "solo_vs_mixed_max_rel_diff": solo_diff,
+        "wall_s": time.monotonic() - t_start,
+    }
+    return out
+
+
+def summary(result: dict[str, Any]) -> str:
+    lines = [f"engine benchmark: {result['model']} on {result['device']} ({result['dtype']}), {result['size']}, "
+             f"max batch {result['max_batch']}, fifo capacity {result['fifo_capacity_rps']:.3f} req/s"]
+    for e in result["loads"]:
+        for kind in ("live", "replay"):
+            if kind not in e:
+                continue
+            cells = "  ".join(
+                f"{p}: mean {e[kind][p]['mean_s']:.2f}s p95 {e[kind][p]['p95_s']:.2f}s "
+                f"thr {e[kind][p]['throughput_rps']:.3f}/s" for p in POLICIES)
+            lines.append(f"  load {e['load']:.1f} {kind:6s} {cells}")
+    for k, v in result["ratios"].items():
+        lines.append(f"  {k}: {v:.3f}")
+    lines.append(f"  solo_vs_mixed_max_rel_diff: {result['solo_vs_mixed_max_rel_diff']}")
+    lines.append(f"  wall: {result['wall_s']:.0f}s")
+    return "\n".join(lines)
