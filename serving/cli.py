@@ -57,13 +57,13 @@ def worker_main(argv: list[str]) -> int:
 
 def model_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="stepfleet model", description="Write a built-in model to a directory.")
-    ap.add_argument("name", choices=["tiny-sd"])
+    ap.add_argument("name", choices=["tiny-sd", "sd15-random"])
     ap.add_argument("--out", required=True, help="directory to write (save_pretrained layout)")
     args = ap.parse_args(argv)
     from stepfleet.serving.loading import quiet_libraries
-    from stepfleet.serving.tiny_model import build_tiny_sd
+    from stepfleet.serving.builtin_models import build_builtin
 
     quiet_libraries()
-    path = build_tiny_sd(args.out)
+    path = build_builtin(args.out, args.name)
     print(path)
     return 0

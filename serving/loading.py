@@ -15,11 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from stepfleet.serving.backends import Backend, resolve_backend, torch_device
-from stepfleet.serving.tiny_model import TINY_SD, ensure_tiny_sd
+from stepfleet.serving.builtin_models import BUILTIN_MODELS, ensure_builtin
 
 log = logging.getLogger(__name__)
-
-BUILTIN_MODELS = (TINY_SD,)
 
 
 @dataclass
@@ -58,7 +56,7 @@ def quiet_libraries() -> None:
 def resolve_source(model: str, cache_dir: str | None = None) -> tuple[str, bool]:
     """Map a model argument to (path or hub id, is_local)."""
     if model in BUILTIN_MODELS:
-        return str(ensure_tiny_sd(cache_dir)), True
+        return str(ensure_builtin(model, cache_dir)), True
     if Path(model).expanduser().is_dir():
         return str(Path(model).expanduser()), True
     return model, False

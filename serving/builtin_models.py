@@ -1,4 +1,4 @@
-"""The built-in `tiny-sd` model: a Stable-Diffusion-shaped pipeline small enough for a laptop CPU.
+"""Built-in models made from configs: `tiny-sd` for laptops and tests, `sd15-random` for GPUs.
 
 Why it exists: tests, the demo and CI must run the *real* serving path — a diffusers
 pipeline loaded with `from_pretrained` from a directory on disk — without downloading
@@ -9,6 +9,10 @@ Shape choices (see TOOLING.md): the VAE has four blocks so the latent scale fact
 as in SD 1.x/2.x; the UNet has two levels with cross-attention so the per-step cost has
 the same structure (convolutions plus transformer blocks) as the real model; the tokenizer
 is a byte-level CLIP BPE with a vocabulary written locally.
+
+`sd15-random` has Stable Diffusion 1.5's exact architecture (UNet 860 M parameters, CLIP
+ViT-L/14 text encoder, the SD VAE) with random weights: the real model's compute, for
+measuring the engine on an accelerator where no weights can be downloaded.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import os
 from pathlib import Path
 
 TINY_SD = "tiny-sd"
+SD15_RANDOM = "sd15-random"
 TINY_SD_SEED = 0
 #: Bumped whenever the configs below change, so stale caches are rebuilt.
 TINY_SD_VERSION = "1"
@@ -55,6 +60,50 @@ def write_tokenizer_files(directory: Path) -> None:
 
 def build_tiny_sd(out_dir: str | os.PathLike[str]) -> Path:
     """Build the tiny pipeline with a fixed seed and `save_pretrained` it to `out_dir`."""
+    return build_builtin(out_dir, TINY_SD)
+
+
+def build_sd15_random(out_dir: str | os.PathLike[str]) -> Path:
+    """Build an SD-1.5-shaped pipeline with random weights (about 4 GB in float32)."""
+    return build_builtin(out_dir, SD15_RANDOM)
+
+
+def _configs(name: str) -> dict[str, dict]:
+    if name == TINY_SD:
+        return {
+            "unet": dict(
+                block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32,
+            ),
+            "vae": dict(
+                block_out_channels=(16, 16, 32, 32), in_channels=3, out_channels=3,
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                latent_channels=4, layers_per_block=1, norm_num_groups=8, sample_size=256,
+            ),
+            "text": dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=5),
+        }
+    if name == SD15_RANDOM:  # the configs of runwayml/stable-diffusion-v1-5
+        return {
+            "unet": dict(
+                block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, sample_size=64, in_channels=4,
+                out_channels=4, cross_attention_dim=768, attention_head_dim=8,
+                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            ),
+            "vae": dict(
+                block_out_channels=(128, 256, 512, 512), in_channels=3, out_channels=3,
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                latent_channels=4, layers_per_block=2, sample_size=512,
+            ),
+            "text": dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                         projection_dim=768, hidden_act="quick_gelu"),
+        }
+    raise ValueError(f"unknown built-in model {name!r}")
+
+
+def build_builtin(out_dir: str | os.PathLike[str], name: str) -> Path:
     import torch
     from diffusers import (
         AutoencoderKL,
@@ -70,44 +119,21 @@ def build_tiny_sd(out_dir: str | os.PathLike[str]) -> Path:
     tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"))
     tokenizer.model_max_length = 77
 
+    cfg = _configs(name)
     torch.manual_seed(TINY_SD_SEED)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
+    unet = UNet2DConditionModel(**cfg["unet"])
     torch.manual_seed(TINY_SD_SEED + 1)
-    vae = AutoencoderKL(
-        block_out_channels=(16, 16, 32, 32),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=256,
-    )
+    vae = AutoencoderKL(**cfg["vae"])
     torch.manual_seed(TINY_SD_SEED + 2)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
-            hidden_size=32,
-            intermediate_size=37,
             layer_norm_eps=1e-05,
-            num_attention_heads=4,
-            num_hidden_layers=5,
             vocab_size=len(tokenizer),
             max_position_embeddings=77,
+            **cfg["text"],
         )
     )
     scheduler = DDIMScheduler(
@@ -130,7 +156,7 @@ def build_tiny_sd(out_dir: str | os.PathLike[str]) -> Path:
     )
     pipe.save_pretrained(str(out))
     (out / "stepfleet_model.json").write_text(
-        json.dumps({"name": TINY_SD, "version": TINY_SD_VERSION, "seed": TINY_SD_SEED})
+        json.dumps({"name": name, "version": TINY_SD_VERSION, "seed": TINY_SD_SEED})
     )
     return out
 
@@ -141,15 +167,15 @@ def default_cache_dir() -> Path:
     return Path(root) / "models"
 
 
-def ensure_tiny_sd(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Return the directory of tiny-sd, building it on first use (atomically, safe for parallel workers)."""
+def ensure_builtin(name: str = TINY_SD, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Return the directory of a built-in model, building it on first use (atomic, safe for parallel workers)."""
     base = Path(cache_dir) if cache_dir else default_cache_dir()
-    target = base / f"{TINY_SD}-v{TINY_SD_VERSION}"
+    target = base / f"{name}-v{TINY_SD_VERSION}"
     if (target / "model_index.json").exists():
         return target
     base.mkdir(parents=True, exist_ok=True)
-    staging = base / f".{TINY_SD}-{os.getpid()}-{id(base)}"
-    build_tiny_sd(staging)
+    staging = base / f".{name}-{os.getpid()}-{id(base)}"
+    build_builtin(staging, name)
     try:
         staging.rename(target)
     except OSError:  # another process won the race; its copy is identical (same seed)
@@ -157,3 +183,6 @@ def ensure_tiny_sd(cache_dir: str | os.PathLike[str] | None = None) -> Path:
 
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+BUILTIN_MODELS: tuple[str, ...] = (TINY_SD, SD15_RANDOM)
