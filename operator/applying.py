@@ -93,11 +93,30 @@ def _overlay_nulls(body: dict[str, Any], gone: dict[str, Any]) -> dict[str, Any]
     return out
 
 
+class ChildConflict(Exception):
+    """A child's name is taken by an object this service does not own; it is left alone."""
+
+
+def owned_by_same(live: dict[str, Any], desired: dict[str, Any]) -> bool:
+    """Whether `live` belongs to the owner `desired` names (owner reference, or owner labels if cluster-scoped)."""
+    want_refs = {r["uid"] for r in desired["metadata"].get("ownerReferences") or []}
+    if want_refs:
+        return any(r.get("uid") in want_refs for r in live.get("metadata", {}).get("ownerReferences") or [])
+    labels = live.get("metadata", {}).get("labels") or {}
+    wanted = desired["metadata"].get("labels") or {}
+    return all(labels.get(k) == wanted.get(k) for k in (names.LABEL_OWNER_NAMESPACE, names.LABEL_OWNER_NAME))
+
+
 def apply(client: kube.Client, desired: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """Bring one child to `desired`; returns (action, live object afterwards)."""
+    """Bring one child to `desired`; returns (action, live object afterwards).
+
+    Raises `ChildConflict` rather than take over an object someone else owns.
+    """
     kind = kube.kind_of(desired)
     meta = desired["metadata"]
     live = client.get(kind, meta.get("namespace"), meta["name"])
+    if live is not None and not owned_by_same(live, desired):
+        raise ChildConflict(f"{desired['kind']} {meta['name']} exists and is not owned by this DiffusionService")
     action, body = plan(live, desired)
     if action == "create":
         return action, client.create(body)  # a 409 (created meanwhile) is retried by the caller

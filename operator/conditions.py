@@ -27,6 +27,8 @@ REASON_ALL_POOLS_SERVING = "AllPoolsServing"
 REASON_NOT_OBSERVED = "NotObserved"
 REASON_RECONCILED = "Reconciled"
 REASON_CLEANED_UP = "CleanedUp"
+REASON_KARPENTER_UNAVAILABLE = "KarpenterUnavailable"
+REASON_CHILD_CONFLICT = "ChildConflict"
 
 Condition = dict[str, Any]
 

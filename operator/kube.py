@@ -72,9 +72,10 @@ class ApiError(Exception):
 class Client:
     """Plain-dict access to the API, raising `ApiError` on failure."""
 
-    def __init__(self, api: kubernetes.client.ApiClient, timeout_s: float = 30.0) -> None:
+    def __init__(self, api: kubernetes.client.ApiClient, timeout_s: float = 30.0, keep_alive: bool = True) -> None:
         self.api = api
         self.timeout_s = timeout_s
+        self.keep_alive = keep_alive
 
     @classmethod
     def from_environment(cls) -> Client:
@@ -86,10 +87,10 @@ class Client:
         return cls(kubernetes.client.ApiClient())
 
     @classmethod
-    def for_host(cls, host: str, timeout_s: float = 10.0) -> Client:
+    def for_host(cls, host: str, timeout_s: float = 10.0, keep_alive: bool = True) -> Client:
         """A client for an unauthenticated endpoint (tests, `kubectl proxy`)."""
         config = kubernetes.client.Configuration(host=host)
-        return cls(kubernetes.client.ApiClient(config), timeout_s=timeout_s)
+        return cls(kubernetes.client.ApiClient(config), timeout_s=timeout_s, keep_alive=keep_alive)
 
     def close(self) -> None:
         """Drop pooled connections (an idle keep-alive would hold a test server's shutdown)."""
@@ -109,7 +110,11 @@ class Client:
                 method,
                 path,
                 query_params=list((query or {}).items()),
-                header_params={"Content-Type": content_type, "Accept": "application/json"},
+                header_params={
+                    "Content-Type": content_type,
+                    "Accept": "application/json",
+                    **({} if self.keep_alive else {"Connection": "close"}),
+                },
                 body=body,
                 auth_settings=["BearerToken"],
             )

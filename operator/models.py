@@ -57,7 +57,7 @@ class ModelSpec(_Model):
         description=(
             "Where the weights come from: `hf://ORG/NAME` (Hugging Face Hub id, cached in the pod), "
             "`pvc://CLAIM/PATH` (a directory on a PersistentVolumeClaim, mounted read-only), "
-            "or `builtin://tiny-sd` (the random-weight test model that ships with stepfleet)."
+            "or `builtin://NAME` (a random-weight model that ships with stepfleet, e.g. `tiny-sd`)."
         ),
     )
     revision: str | None = Field(

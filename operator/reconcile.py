@@ -88,6 +88,19 @@ def _nodepool_selector(owner: Owner) -> str:
     return names.selector_string({names.LABEL_OWNER_NAMESPACE: owner.namespace, names.LABEL_OWNER_NAME: owner.name})
 
 
+def blockers(client: kube.Client, owner: Owner, spec: DiffusionServiceSpec) -> list[tuple[str, str]]:
+    """Why some children cannot exist in this cluster (today: NodePools without Karpenter).
+
+    Everything else is still built; the pools' pods select `karpenter.sh/nodepool` and stay
+    Pending until such nodes exist, so this is reported as Degraded and a Warning Event.
+    """
+    wanted = [names.nodepool(owner.namespace, owner.name, p.name) for p in spec.pools if p.node_pool is not None]
+    if wanted and not client.serves(kube.NODEPOOL):
+        message = f"karpenter.sh/v1 NodePools are not served by this cluster; not created: {', '.join(wanted)}"
+        return [(cond.REASON_KARPENTER_UNAVAILABLE, message)]
+    return []
+
+
 def reconcile(client: kube.Client, body: Mapping[str, Any], *, now: dt.datetime) -> Outcome:
     """Make the children match the spec; never raises for a bad spec, only for API errors."""
     meta = body["metadata"]
@@ -103,10 +116,17 @@ def reconcile(client: kube.Client, body: Mapping[str, Any], *, now: dt.datetime)
     owner = owner_of(body)
     observed = observe(client, owner, spec)
     desired = build_all(owner, spec, observed)
+    blocked = blockers(client, owner, spec)
+    if blocked:
+        desired = [m for m in desired if m["kind"] != "NodePool"]
     changes: list[str] = []
     live: dict[str, dict[str, Any]] = {}
     for manifest in desired:
-        action, obj = applying.apply(client, manifest)
+        try:
+            action, obj = applying.apply(client, manifest)
+        except applying.ChildConflict as exc:
+            blocked.append((cond.REASON_CHILD_CONFLICT, str(exc)))
+            continue
         if action != "none":
             changes.append(f"{action}d {manifest['kind']} {manifest['metadata']['name']}")
         if manifest["kind"] == "Deployment":
@@ -114,9 +134,11 @@ def reconcile(client: kube.Client, body: Mapping[str, Any], *, now: dt.datetime)
     changes += [f"deleted {what}" for what in prune(client, owner, desired, observed.servicemonitor_available)]
     weights = router.weights(spec.pools, observed)
     new_status = status.build(
-        spec, name=owner.name, generation=generation, deployments=live, weights=weights, old=old_status, now=now
+        spec, name=owner.name, generation=generation, deployments=live, weights=weights, old=old_status, now=now,
+        blockers=blocked,
     )
     events = [cond.reconciled_event(meta, changes, now)] if changes else []
+    events += [cond.event(meta, type_="Warning", reason=reason, message=message, now=now) for reason, message in blocked]
     return Outcome(status=new_status, events=events, changes=changes)
 
 
@@ -138,12 +160,20 @@ def refresh_status(client: kube.Client, namespace: str, name: str, *, now: dt.da
     weights = {p.get("name"): p.get("weight", 0.0) for p in old.get("pools") or []}
     new = status.build(
         spec, name=name, generation=body["metadata"].get("generation"), deployments=deployments,
-        weights=weights, old=old, now=now,
+        weights=weights, old=old, now=now, blockers=blockers(client, owner, spec) + _known_conflicts(old),
     )
     if _same_status(new, old):
         return None
     client.patch(kube.DIFFUSIONSERVICE, namespace, name, {"status": new}, subresource="status")
     return new
+
+
+def _known_conflicts(old: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Conflicts only a reconcile can re-check; a status refresh carries them over."""
+    degraded = cond.get_condition(old.get("conditions") or [], cond.DEGRADED)
+    if degraded and degraded.get("reason") == cond.REASON_CHILD_CONFLICT:
+        return [(cond.REASON_CHILD_CONFLICT, degraded.get("message", ""))]
+    return []
 
 
 def _same_status(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:

@@ -26,8 +26,12 @@ def build(
     weights: Mapping[str, float],
     old: Mapping[str, Any],
     now: dt.datetime,
+    blockers: Sequence[tuple[str, str]] = (),
 ) -> dict[str, Any]:
     """The full status (conditions included); `deployments` maps child name -> live object.
+
+    `blockers` are (reason, message) pairs for children that cannot exist (no Karpenter, a
+    name taken by a foreign object); they make the service Degraded whatever the replicas.
 
     Capacity state, mode and the CapacityShort condition belong to the control loop: they are
     carried over from `old` and only initialised here.
@@ -61,7 +65,9 @@ def build(
         waiting = not_ready + (["router"] if router_ready == 0 and spec.router.replicas > 0 else [])
         ready = ("False", cond.REASON_PROGRESSING, "waiting for ready replicas: " + ", ".join(waiting or ["-"]))
     conditions = cond.set_condition(conditions, cond.READY, *ready, generation=generation, now=now)
-    if not_ready and serving:
+    if blockers:
+        degraded = ("True", blockers[0][0], "; ".join(message for _, message in blockers))
+    elif not_ready and serving:
         degraded = ("True", cond.REASON_POOLS_UNAVAILABLE, "no ready replicas in " + ", ".join(not_ready))
     else:
         degraded = ("False", cond.REASON_ALL_POOLS_SERVING, "no pool with replicas lacks ready ones")

@@ -21,12 +21,14 @@ from pydantic import ValidationError
 from stepfleet.operator import accelerators, names
 from stepfleet.operator.models import DiffusionServiceSpec
 
+# The worker's own list of builtins (a torch-free import; operator may import serving).
+from stepfleet.serving.builtin_models import BUILTIN_MODELS
+
 _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _HF_REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _PVC = re.compile(r"^(?P<claim>[a-z0-9]([-a-z0-9]*[a-z0-9])?)(?P<path>(/[A-Za-z0-9._-]+)*)/?$")
 #: Model-level validators report at the model's location; point at the field they are about.
 _MODEL_RULE_FIELDS = {"minReplicas": ".minReplicas", "pool": ".pools"}
-BUILTIN_MODELS = frozenset({"tiny-sd"})
 SOURCE_SCHEMES = ("hf://", "pvc://", "builtin://")
 
 
@@ -99,7 +101,7 @@ def _accelerator_problems(index: int, pool: Mapping[str, Any]) -> list[Problem]:
         problems.append(Problem(f"{base}.model", f"required for {kind}"))
     if kind == "google-tpu" and not acc.get("topology"):
         problems.append(Problem(f"{base}.topology", "required for google-tpu (e.g. 2x2)"))
-    if kind == "google-tpu" and pool.get("nodePool"):
+    if kind == "google-tpu" and pool.get("nodePool") is not None:
         problems.append(Problem(f"spec.pools[{index}].nodePool", "Karpenter NodePools are AWS-only; TPU pools use GKE node pools"))
     count = acc.get("count")
     if kind == "cpu" and count not in (None, 0):

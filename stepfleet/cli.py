@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "crds": ("stepfleet.operator.crdgen:main", "write (or --check) the DiffusionService CRD YAML"),
     "model": ("stepfleet.serving.cli:model_main", "write a built-in model (tiny-sd) to a directory"),
     "operator": ("stepfleet.operator.main:main", "run the kopf operator that reconciles DiffusionServices"),
+    "simulate": ("stepfleet.operator.simulator.cli:main", "simulate the cost/capacity loop against baselines"),
     "worker": ("stepfleet.serving.cli:worker_main", "run a worker: the step-level engine behind the image API"),
 }
 

@@ -33,22 +33,43 @@ class Allocation:
     short_servable_rps: float = 0.0
 
 
-def by_price(pools: Iterable[PoolView]) -> list[PoolView]:
-    """Pools cheapest per image first; the name breaks ties so the order is stable."""
-    return sorted(pools, key=lambda p: (p.price_per_image, p.name))
+def by_price(pools: Iterable[PoolView], switch_margin: float = 0.0) -> list[PoolView]:
+    """Pools cheapest per image first; the name breaks ties so the order is stable.
+
+    A pool serving above its minimum ranks as if `switch_margin` cheaper, so load moves
+    only for a real saving, not for a rounding-level one.
+    """
+    def rank(p: PoolView) -> tuple[float, str]:
+        serving = p.ready > p.min_replicas
+        return p.price_per_image * (1.0 - switch_margin if serving else 1.0), p.name
+
+    return sorted(pools, key=rank)
 
 
-def cost_allocation(pools: tuple[PoolView, ...], demand_rps: float) -> Allocation:
-    """Cheapest fleet covering `demand_rps`: minima first, then cheapest per image."""
+def cost_allocation(pools: tuple[PoolView, ...], demand_rps: float,
+                    switch_margin: float = 0.0, max_pool_share: float = 1.0) -> Allocation:
+    """Cheapest fleet covering `demand_rps`: minima first, then cheapest per image.
+
+    With `max_pool_share` below 1, no pool carries more than that share of the demand in a
+    first pass (diversification against losing one pool at once); whatever is left after
+    it is filled cheapest-first without the cap.
+    """
     replicas = {p.name: p.min_replicas for p in pools}
     remaining = demand_rps - sum(p.servable(p.min_replicas) for p in pools)
-    for pool in by_price(p for p in pools if p.meets_slo):
-        if remaining <= 1e-9:
-            break
-        base = pool.servable(pool.min_replicas)
-        wanted = pool.clamp(pool.replicas_for(remaining + base))
-        replicas[pool.name] = wanted
-        remaining -= pool.servable(wanted) - base
+    order = by_price((p for p in pools if p.meets_slo), switch_margin)
+    caps = [max(0.0, max_pool_share) * demand_rps] if max_pool_share < 1.0 else []
+    for cap in [*caps, float("inf")]:
+        for pool in order:
+            if remaining <= 1e-9:
+                break
+            current = pool.servable(replicas[pool.name])
+            room = cap - current
+            if room <= 1e-9:
+                continue
+            wanted = pool.clamp(pool.replicas_for(current + min(remaining, room)))
+            wanted = max(wanted, replicas[pool.name])
+            replicas[pool.name] = wanted
+            remaining -= pool.servable(wanted) - current
     return Allocation(replicas=replicas, unmet_rps=max(0.0, remaining), shares={})
 
 

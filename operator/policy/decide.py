@@ -32,6 +32,7 @@ from .weights import route_weights
 
 def decide(observation: Observation, state: PolicyState,
            spec: PolicySpec) -> tuple[Plan, PolicyState]:
+    """The plan for now and the state to pass to the next call (start with PolicyState())."""
     control = spec.control
     now = observation.now_s
     pools = resolve(spec, observation)
@@ -40,7 +41,7 @@ def decide(observation: Observation, state: PolicyState,
     trend = observation.arrival_trend_rps_per_s
 
     cost_rps = planning_rate(rate, trend, lookahead, control.headroom)
-    cost = cost_allocation(pools, cost_rps)
+    cost = cost_allocation(pools, cost_rps, control.switch_margin, control.max_pool_share)
     memories = track_shortages(state, pools, now)
     mode = choose_mode(spec.mode, state, memories, pools, cost.replicas, now, control)
 
@@ -49,7 +50,8 @@ def decide(observation: Observation, state: PolicyState,
         planned_rps = cost_rps
         allocation = cost
         reasons.extend(mode.reasons)
-        reasons.append(_cost_reason(pools, cost, planned_rps, control.headroom))
+        reasons.append(_cost_reason(pools, cost, planned_rps, control.headroom,
+                                    control.switch_margin))
     else:
         planned_rps = planning_rate(rate, trend, lookahead, control.capacity_headroom)
         allocation = capacity_allocation(pools, planned_rps, mode.short, cost.replicas)
@@ -57,8 +59,9 @@ def decide(observation: Observation, state: PolicyState,
         reasons.append(_capacity_reason(pools, allocation, mode.short, planned_rps,
                                         control.capacity_headroom))
 
+    release = min(1.0, control.scale_down_per_min * control.interval_s / 60.0)
     stable = stabilize(pools, allocation.replicas, memories, now, control.stabilization_s,
-                       rate)
+                       rate, planned_rps, release, control.scale_down_buffer)
     reasons.extend(stable.reasons)
     replicas = dict(stable.replicas)
     if mode.mode == "capacity":
@@ -68,6 +71,7 @@ def decide(observation: Observation, state: PolicyState,
 
     weights = route_weights(pools, replicas, control.interval_s)
     reasons.append(_weights_reason(weights))
+    reasons.extend(_latency_reasons(pools, spec.slo.percentile))
     plan = Plan(
         mode=mode.mode,
         pools=tuple(
@@ -111,9 +115,9 @@ def _demand_reason(rate: float, trend: float, lookahead: float) -> str:
 
 
 def _cost_reason(pools: tuple[PoolView, ...], allocation: Allocation, planned: float,
-                 headroom: float) -> str:
+                 headroom: float, switch_margin: float) -> str:
     parts = []
-    for pool in by_price(pools):
+    for pool in by_price(pools, switch_margin):
         n = allocation.replicas[pool.name]
         note = "" if pool.meets_slo else ", cannot meet the SLO"
         parts.append(f"{pool.name} {n} (${pool.price_per_image * 1000:.3f}/1k images{note})")
@@ -146,3 +150,12 @@ def _weights_reason(weights: dict[str, float]) -> str:
         return "weights: no pool has a ready replica; the router has nowhere to send requests"
     shown = ", ".join(f"{name} {w:.2f}" for name, w in weights.items())
     return f"weights by what ready replicas can serve: {shown}"
+
+
+def _latency_reasons(pools: tuple[PoolView, ...], percentile: float) -> list[str]:
+    """Pools whose measured latency broke the SLO over the last interval."""
+    return [f"{p.name} measured p{percentile * 100:g} latency {p.measured_latency_s:.2f}s "
+            f"over the {p.slo_latency_s:.2f}s target ({p.ready} ready, queue "
+            f"{p.queue_depth:.0f})"
+            for p in pools
+            if p.measured_latency_s is not None and p.measured_latency_s > p.slo_latency_s]

@@ -66,6 +66,12 @@ class ControlSettings:
     recovery_window_s: float = 600.0
     #: Scale-down waits until lower recommendations have held this many seconds.
     stabilization_s: float = 300.0
+    #: Then ready replicas go at once down to this spare fraction above the planned demand;
+    #: the spare itself leaves at most `scale_down_per_min` of a pool's ready replicas per
+    #: minute: ready replicas took minutes to load, and a scale-down that misjudged a ramp
+    #: costs a provisioning delay of SLO misses.
+    scale_down_buffer: float = 0.25
+    scale_down_per_min: float = 0.1
     #: Spare fraction above the forecast demand in cost mode (covers estimate noise).
     headroom: float = 0.03
     #: Spare fraction in capacity mode: more, since another pool may run short as well.
@@ -77,6 +83,12 @@ class ControlSettings:
     tail_budget: float = 0.2
     #: Extra replicas a NodePool may hold above the plan, as a fraction (rolling surge).
     nodepool_surge: float = 0.1
+    #: Most of the planned demand one pool may carry in cost mode (1: no limit). Below 1 it
+    #: buys resilience to losing a whole pool (outage, spot interruption) at a price.
+    max_pool_share: float = 1.0
+    #: A pool already serving keeps its place in the cost order unless another is at least
+    #: this much cheaper per image: moving load pays a provisioning delay of idle replicas.
+    switch_margin: float = 0.05
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
 """The event-driven, request-level simulation of one policy over one scenario.
 
 Two streams meet here. Requests arrive in time order (pre-drawn, the same for every policy)
-and each is routed at once: a pool by the router weights, a replica of that pool
-round-robin among ready ones, and the replica's FIFO queue fixes when it starts and
-finishes (see `fleet`). Everything else is a timed event on a heap — replicas becoming
+and each is routed at once: a pool by the router weights, then a replica of that pool by
+the power of two choices (the less busy of two random ready replicas, as Envoy's and
+most least-request balancers do), and that replica's FIFO queue fixes when the request
+starts and finishes (see `fleet`). Everything else is a timed event on a heap — replicas becoming
 ready or finishing their drain, scenario events (shortages, price changes, outages,
 interruptions), and the controller's ticks — and is processed before the first request
 that arrives at or after its time. At equal times, replica transitions come first, then
@@ -38,13 +39,14 @@ class Draws:
 
     arrival_s: np.ndarray
     route_u: np.ndarray  # uniform [0, 1): picks the pool by weight
+    pick_u: np.ndarray  # uniform [0, 1): picks the two replicas compared inside the pool
     service_z: np.ndarray  # standard normal: the request's service-time variation
     event_seed: int  # seeds which replicas an interruption takes
 
     @classmethod
     def draw(cls, arrival_s: np.ndarray, rng: np.random.Generator) -> Draws:
         n = len(arrival_s)
-        return cls(arrival_s, rng.random(n), rng.standard_normal(n),
+        return cls(arrival_s, rng.random(n), rng.random(n), rng.standard_normal(n),
                    int(rng.integers(0, 2**31 - 1)))
 
 
@@ -176,7 +178,6 @@ def simulate(scenario: Scenario, controller: Controller, draws: Draws,
     arrival_s = draws.arrival_s
     total = len(arrival_s)
     readies = [p.ready for p in pools] + [[]]  # last: "no pool" (all weights zero)
-    rr = [0] * (npools + 1)
     service = [p.service_s for p in pools] + [1.0]
     latency = [p.spec.latency_s for p in pools] + [0.0]
     sigma = [math.sqrt(math.log1p(p.spec.service_cv ** 2)) for p in pools] + [0.0]
@@ -188,6 +189,7 @@ def simulate(scenario: Scenario, controller: Controller, draws: Draws,
     for base in range(0, total, _CHUNK):
         times = arrival_s[base: base + _CHUNK].tolist()
         us = draws.route_u[base: base + _CHUNK].tolist()
+        vs = draws.pick_u[base: base + _CHUNK].tolist()
         zs = draws.service_z[base: base + _CHUNK].tolist()
         for k, t in enumerate(times):
             i = base + k
@@ -206,11 +208,18 @@ def simulate(scenario: Scenario, controller: Controller, draws: Draws,
                 pool_out[i] = p if p < npools else -1
                 rep_out[i] = -1
                 continue
-            j = rr[p]
-            if j >= m:
-                j = 0
-            rr[p] = j + 1
-            rep = reps[j]
+            if m == 1:
+                rep = reps[0]
+            else:  # power of two choices: the less busy of two random ready replicas
+                x = vs[k] * m
+                j = int(x)
+                j2 = int((x - j) * (m - 1))
+                if j2 >= j:
+                    j2 += 1
+                rep = reps[j]
+                other = reps[j2]
+                if other.free < rep.free:
+                    rep = other
             free = rep.free
             if free > t:
                 if free - t > timeout:

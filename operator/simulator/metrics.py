@@ -7,9 +7,10 @@
   turned away by a full queue (429) or lost with their replica;
 - recovery after an event: from the event until the one-minute attainment is back at the
   SLO percentile for good. One-minute windows start at every second; the recovery is the
-  start of the first window after which no window falls short, up to the next event (or
-  the end of the run), minus the event time; 0 when no window after the event falls short.
-  It is conservative: any shortfall before the next event counts against the event.
+  start of the first window after which no window falls short — among the windows that
+  start at or after the event and end by the next event (or the end of the run) — minus
+  the event time; 0 when none falls short. It is conservative: any shortfall before the
+  next event counts against the event.
 """
 
 from __future__ import annotations
@@ -130,8 +131,8 @@ def recovery_times(arrival_s: np.ndarray, good: np.ndarray, events_s: list[float
     out = []
     for k, at in enumerate(events_s):
         until = events_s[k + 1] if k + 1 < len(events_s) else duration_s
-        first = int(np.floor(at))
-        last = max(first, int(np.ceil(until)) - 1)
+        first = int(np.ceil(at))
+        last = max(first, int(np.floor(until)) - WINDOW_S)  # last window ending by `until`
         bad = np.nonzero(short[first: last + 1])[0]
         out.append(0.0 if bad.size == 0 else float(first + bad[-1] + 1 - at))
     return out

@@ -59,10 +59,11 @@ class Ours:
     def observe(self, view: FleetView) -> Observation:
         now = view.now_s
         rate, trend = view.arrival_rate(self.period_s), 0.0
-        if now >= self.period_s:  # a full window: a sample for the trend
-            self.samples.append((now, rate))
-            rate, trend, kept = estimate_demand(list(self.samples), self.period_s)
-            self.samples = deque(kept, maxlen=TREND_SAMPLES)
+        if now >= self.period_s:  # a full window: a sample, stamped at its middle
+            self.samples.append((now - self.period_s / 2.0, rate))
+            estimate = estimate_demand(list(self.samples), self.period_s, now)
+            rate, trend = estimate.rate_rps, estimate.trend_rps_per_s
+            self.samples = deque(estimate.samples, maxlen=TREND_SAMPLES)
         pools = []
         for index, counts in enumerate(view.pools):
             pools.append(PoolObservation(

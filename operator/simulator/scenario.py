@@ -155,6 +155,10 @@ class Control(_Model):
     capacity_headroom: float | None = Field(default=None, ge=0)
     max_utilization: float | None = Field(default=None, gt=0, le=1)
     tail_budget: float | None = Field(default=None, gt=0, le=1)
+    max_pool_share: float | None = Field(default=None, gt=0, le=1)
+    switch_margin: float | None = Field(default=None, ge=0, lt=1)
+    scale_down_buffer: float | None = Field(default=None, ge=0)
+    scale_down_per_min: float | None = Field(default=None, gt=0)
 
 
 class Scenario(_Model):

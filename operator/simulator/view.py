@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .fleet import Fleet, SimPool
+from .fleet import Fleet
 
 
 class RequestLog:
@@ -105,6 +105,3 @@ class FleetView:
 
     def queue_depth(self, pool: int) -> float:
         return self._fleet.pools[pool].queue_depth(self.now_s)
-
-    def pool(self, index: int) -> SimPool:
-        return self._fleet.pools[index]
