@@ -113,7 +113,11 @@ def create_app(settings: WorkerSettings | None = None, engine: Engine | None = N
     def load_headers() -> dict[str, str]:
         if state.engine is None:
             return {}
-        return {"X-Stepfleet-Backlog-Seconds": f"{state.engine.load()['backlog_s']:.3f}"}
+        load = state.engine.load()
+        return {
+            "X-Stepfleet-Backlog-Seconds": f"{load['backlog_s']:.3f}",
+            "X-Stepfleet-Step-Units": f"{load['step_units']:.0f}",
+        }
 
     app.add_middleware(RequestIdMiddleware, extra_headers=load_headers)
 

@@ -60,8 +60,8 @@ def model_main(argv: list[str]) -> int:
     ap.add_argument("name", choices=["tiny-sd", "sd15-random"])
     ap.add_argument("--out", required=True, help="directory to write (save_pretrained layout)")
     args = ap.parse_args(argv)
-    from stepfleet.serving.loading import quiet_libraries
     from stepfleet.serving.builtin_models import build_builtin
+    from stepfleet.serving.loading import quiet_libraries
 
     quiet_libraries()
     path = build_builtin(args.out, args.name)

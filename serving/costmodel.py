@@ -67,6 +67,22 @@ class StepCostModel:
         ratio, per_rows = best
         return {r: s * ratio for r, s in per_rows.items()}
 
+    def efficient_rows(self, shape: Hashable, min_gain: float) -> int | None:
+        """The batch size (in rows) past which batching stops paying, or None if not known yet.
+
+        Walks the *measured* points in order: once adding rows lowers the per-row cost by
+        less than `min_gain`, a bigger batch only slows everyone in it for no throughput.
+        Unmeasured sizes are never ruled out, so the engine keeps exploring them.
+        """
+        per_rows = self.table.get(shape)
+        if not per_rows:
+            return None
+        known = sorted(per_rows)
+        for small, big in zip(known, known[1:]):
+            if per_rows[big] / big > (1.0 - min_gain) * per_rows[small] / small:
+                return small
+        return None
+
     def service_seconds(self, shape: Hashable, rows: int, steps: int, batch_rows: int | None = None) -> float:
         """Time for `steps` more steps of a request with `rows` rows, in a batch of `batch_rows`."""
         return steps * self.step_seconds(shape, batch_rows or rows)

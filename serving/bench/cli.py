@@ -29,7 +29,7 @@ def main(argv: list[str]) -> int:
     cfg = BenchConfig(
         model=args.model, device=args.device, dtype=args.dtype, size=args.size, max_batch=args.max_batch,
         seed=args.seed,
-        live_requests=args.live_requests or (16 if args.quick else 40),
+        live_requests=args.live_requests or (12 if args.quick else 40),
         live_loads=(0.9,) if args.quick else (0.7, 0.9, 1.1),
         replay_requests=1000 if args.quick else 2000,
     )

@@ -18,6 +18,7 @@ continuous run alone and compares final latents.
 from __future__ import annotations
 
 import queue
+import statistics
 import sys
 import threading
 import time
@@ -26,7 +27,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from stepfleet.serving.bench.replay import CostTable, fifo_capacity_rps, replay_engine, replay_fifo
-from stepfleet.serving.bench.trace import STEP_MIX, TraceRequest, latency_stats, poisson_trace
+from stepfleet.serving.bench.trace import (
+    SCHEDULER_MIX,
+    STEP_MIX,
+    TraceRequest,
+    latency_stats,
+    poisson_trace,
+)
 from stepfleet.serving.engine import Engine, EngineConfig
 from stepfleet.serving.params import GenerationParams
 from stepfleet.serving.planner import PlannerConfig
@@ -75,21 +82,30 @@ def _interleaved_min(fns: dict[Any, Any], reps: int) -> dict[Any, float]:
 
 
 def measure_costs(model: Any, runner: Any, cfg: BenchConfig, quick: bool) -> CostTable:
-    """The step-cost table the replay uses, measured now on this machine."""
+    """The step-cost table the replay uses, measured now on this machine.
+
+    Batches are measured as the live engine runs them: k requests of one image each, their
+    schedulers cycling through the trace's mix (per-request scheduler work is part of a
+    step's cost). The pipeline is timed at 10 and 30 steps over the same scheduler mix.
+    """
     import torch
 
     from stepfleet.serving.schedulers import make_scheduler
 
-    reps = 4 if quick else 7
+    reps = 3 if quick else 6
     rows_per_image = 2 if cfg.guidance_scale > 1 else 1
-    reqs = {}
-    for images in range(1, cfg.max_batch + 1):
-        req = runner.prepare(
-            GenerationParams(prompt="cost", width=cfg.size, height=cfg.size, n=images, num_inference_steps=200,
-                             guidance_scale=cfg.guidance_scale), seed=0)
-        runner.step([req])  # warm
-        reqs[images * rows_per_image] = req
-    step_s = _interleaved_min({rows: (lambda req=req: runner.step([req])) for rows, req in reqs.items()}, reps)
+    batches: dict[int, list[Any]] = {}
+    for k in range(1, cfg.max_batch + 1):
+        batch = [
+            runner.prepare(
+                GenerationParams(prompt=f"cost {i}", width=cfg.size, height=cfg.size, num_inference_steps=100,
+                                 scheduler=SCHEDULER_MIX[i % len(SCHEDULER_MIX)], guidance_scale=cfg.guidance_scale),
+                seed=i)
+            for i in range(k)
+        ]
+        runner.step(batch)  # warm
+        batches[k * rows_per_image] = batch
+    step_s = _interleaved_min({rows: (lambda b=b: runner.step(b)) for rows, b in batches.items()}, reps)
     one = GenerationParams(prompt="cost", width=cfg.size, height=cfg.size, num_inference_steps=10,
                            guidance_scale=cfg.guidance_scale)
     done = runner.prepare(one, 0)
@@ -98,21 +114,25 @@ def measure_costs(model: Any, runner: Any, cfg: BenchConfig, quick: bool) -> Cos
     pipe = model.pipeline
     base = pipe.scheduler
 
-    def pipeline_call(steps: int) -> None:
-        pipe.scheduler = make_scheduler("ddim", base.config, type(base))
+    def pipeline_call(steps: int, scheduler: str) -> None:
+        pipe.scheduler = make_scheduler(scheduler, base.config, type(base))
         pipe("cost", height=cfg.size, width=cfg.size, num_inference_steps=steps, guidance_scale=cfg.guidance_scale,
              generator=torch.Generator().manual_seed(0))
 
+    calls = {(steps, sch): (lambda steps=steps, sch=sch: pipeline_call(steps, sch))
+             for steps in (10, 30) for sch in SCHEDULER_MIX}
     try:
-        pipeline_call(2)
-        fifo = _interleaved_min({10: lambda: pipeline_call(10), 30: lambda: pipeline_call(30)}, max(2, reps - 3))
+        pipeline_call(2, "ddim")
+        fifo = _interleaved_min(calls, 2 if quick else 3)
     finally:
         pipe.scheduler = base
-    fifo_step = (fifo[30] - fifo[10]) / 20
+    t10 = statistics.fmean(fifo[(10, sch)] for sch in SCHEDULER_MIX)
+    t30 = statistics.fmean(fifo[(30, sch)] for sch in SCHEDULER_MIX)
+    fifo_step = (t30 - t10) / 20
     if fifo_step <= 0:  # too noisy to fit a line: fall back to the engine's own single-request step
         fifo_step = step_s[rows_per_image]
     return CostTable(step_s_by_rows=step_s, encode_s=aux["encode"], decode_s=aux["decode"], fifo_step_s=fifo_step,
-                     fifo_overhead_s=max(0.0, fifo[10] - 10 * fifo_step))
+                     fifo_overhead_s=max(0.0, t10 - 10 * fifo_step))
 
 
 def run_live_fifo(model: Any, trace: Sequence[TraceRequest], cfg: BenchConfig) -> dict[str, float]:

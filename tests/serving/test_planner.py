@@ -151,3 +151,22 @@ def test_static_waits_to_fill_then_runs_to_completion():
 def test_static_runs_partial_batch_after_timeout():
     p = planner(max_batch=4, policy="static", static_wait_s=1.0)
     assert p.plan([seq("a", 0)], now=1.5).batch == ("a",)
+
+
+def test_batch_held_where_measured_batching_stops_paying():
+    cost = StepCostModel()
+    for rows, seconds in ((1, 0.10), (2, 0.12), (3, 0.18), (4, 0.24)):  # gain stops after 2 rows
+        cost.observe(SHAPE, rows, seconds)
+    p = StepPlanner(PlannerConfig(max_batch=4, min_batch_gain=0.05), cost)
+    plan = p.plan([seq(s, i) for i, s in enumerate("abcd")], now=5)
+    assert plan.batch == ("a", "b")
+    assert any("batch held" in r for r in plan.reasons)
+    uncapped = StepPlanner(PlannerConfig(max_batch=4, min_batch_gain=0.0), cost)
+    assert uncapped.plan([seq(s, i) for i, s in enumerate("abcd")], now=5).batch == tuple("abcd")
+
+
+def test_unmeasured_batch_sizes_are_explored():
+    cost = StepCostModel()
+    cost.observe(SHAPE, 1, 0.1)  # only the solo cost is known: bigger batches may pay, try them
+    p = StepPlanner(PlannerConfig(max_batch=4), cost)
+    assert len(p.plan([seq(s, i) for i, s in enumerate("abcd")], now=5).batch) == 4
