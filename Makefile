@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-all lint bench-engine bench-engine-quick clean
+.PHONY: install tools demo test test-all lint bench-engine bench-engine-quick clean
 
 install: $(STAMP)
 
@@ -22,15 +22,18 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/python -m stepfleet.serving.demo --out demo.png
 
-test: install
+# helm and promtool for the deployment tests (tests/deploy), into .tools/bin; instant once there.
+tools:
+	bash scripts/fetch-tools.sh
+
+test: install tools
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-test-all: install
+test-all: install tools
 	$(BIN)/python -m pytest -q -m '' $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check stepfleet serving operator tests
-	$(BIN)/lint-imports
 
 bench-engine: install
 	$(BIN)/stepfleet bench engine --json > docs/results/bench-engine.json
