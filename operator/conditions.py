@@ -29,6 +29,17 @@ REASON_RECONCILED = "Reconciled"
 REASON_CLEANED_UP = "CleanedUp"
 REASON_KARPENTER_UNAVAILABLE = "KarpenterUnavailable"
 REASON_CHILD_CONFLICT = "ChildConflict"
+# Owned by the control loop (stepfleet.operator.loop).
+REASON_OBSERVATION_FAILED = "ObservationFailed"
+REASON_OBSERVING = "Observing"
+REASON_ACTION_FAILED = "ActionFailed"
+REASON_INSUFFICIENT_CAPACITY = "InsufficientCapacity"
+REASON_CAPACITY_AVAILABLE = "CapacityAvailable"
+REASON_MODE_CHANGED = "ModeChanged"
+#: Degraded reasons the loop sets; a reconcile keeps them unless it finds a blocker.
+LOOP_DEGRADED_REASONS = (REASON_OBSERVATION_FAILED, REASON_ACTION_FAILED)
+#: Degraded reasons of children that cannot exist; they outrank the loop's.
+BLOCKER_REASONS = (REASON_KARPENTER_UNAVAILABLE, REASON_CHILD_CONFLICT)
 
 Condition = dict[str, Any]
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import kopf
 
-from stepfleet.operator import kube, names, reconcile
+from stepfleet.operator import kube, loop, names, reconcile
 from stepfleet.operator.models import API_GROUP, API_VERSION, PLURAL
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,11 @@ class OperatorConfig:
     watch_server_timeout_s: float | None = 300.0
     #: Threads running sync handlers.
     workers: int = 4
+    #: Period (seconds) of the control-loop timer; each object's loop runs every
+    #: `spec.controlLoop.intervalSeconds`, checked at this granularity.
+    loop_tick_s: float = 1.0
+    #: Timeout (seconds) of one HTTP call to Prometheus or a worker's /metrics.
+    loop_http_timeout_s: float = 5.0
 
 
 def configure(settings: kopf.OperatorSettings, config: OperatorConfig) -> None:
@@ -110,6 +115,8 @@ def register(
                 raise _temporary(exc, config) from exc
             raise
         _post(client(), outcome.events, logger)
+
+    loop.register(registry, client, tick_s=config.loop_tick_s, http_timeout_s=config.loop_http_timeout_s)
 
     @kopf.on.event("apps", "v1", "deployments", labels={names.LABEL_MANAGED_BY: names.MANAGED_BY}, registry=registry)
     def deployment_changed(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:

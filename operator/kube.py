@@ -46,9 +46,13 @@ SERVICEMONITOR = Kind("monitoring.coreos.com/v1", "ServiceMonitor", "servicemoni
 NODEPOOL = Kind("karpenter.sh/v1", "NodePool", "nodepools", namespaced=False)
 EVENT = Kind("v1", "Event", "events")
 DIFFUSIONSERVICE = Kind("stepfleet.io/v1alpha1", "DiffusionService", "diffusionservices")
+#: Read by the control loop only (pending pods, Karpenter's launch attempts).
+POD = Kind("v1", "Pod", "pods")
+NODECLAIM = Kind("karpenter.sh/v1", "NodeClaim", "nodeclaims", namespaced=False)
 
 KINDS: dict[tuple[str, str], Kind] = {
-    (k.api_version, k.kind): k for k in (DEPLOYMENT, SERVICE, CONFIGMAP, PDB, SERVICEMONITOR, NODEPOOL, EVENT, DIFFUSIONSERVICE)
+    (k.api_version, k.kind): k
+    for k in (DEPLOYMENT, SERVICE, CONFIGMAP, PDB, SERVICEMONITOR, NODEPOOL, EVENT, DIFFUSIONSERVICE, POD, NODECLAIM)
 }
 
 
@@ -142,9 +146,12 @@ class Client:
                 return None
             raise
 
-    def list(self, kind: Kind, namespace: str | None, labels: str | None = None) -> list[dict[str, Any]]:
-        """Objects of a kind; an API that is not served (e.g. no Karpenter) has none."""
-        query = {"labelSelector": labels} if labels else None
+    def list(
+        self, kind: Kind, namespace: str | None, labels: str | None = None, fields: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Objects of a kind (all namespaces when `namespace` is None for a namespaced kind);
+        an API that is not served (e.g. no Karpenter) has none."""
+        query = {k: v for k, v in (("labelSelector", labels), ("fieldSelector", fields)) if v} or None
         try:
             return list((self._call("GET", kind.path(namespace), query=query) or {}).get("items", []))
         except ApiError as exc:

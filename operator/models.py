@@ -256,7 +256,11 @@ class ServingSpec(_Model):
 
 
 class ControlLoopSpec(_Model):
-    interval_seconds: float = Field(default=30, ge=1, le=3600, description="How often the loop decides.")
+    """Settings of the cost/capacity control loop (`stepfleet.operator.loop`)."""
+
+    interval_seconds: float = Field(
+        default=30, ge=0.1, le=3600, description="How often the loop decides (values under 1 s are for tests)."
+    )
     dwell_seconds: float = Field(
         default=600, ge=0, le=86400, description="Least time in capacity mode before returning to cost mode."
     )
@@ -265,6 +269,22 @@ class ControlLoopSpec(_Model):
     )
     pending_grace_seconds: float = Field(
         default=180, ge=0, le=86400, description="How long a pod may stay Pending before it signals a shortage."
+    )
+    recovery_window_seconds: float = Field(
+        default=600, ge=0, le=86400, description="How long a short pool must show capacity again before it is trusted."
+    )
+    provisioning_seconds: float = Field(
+        default=600, ge=0, le=86400,
+        description="Expected seconds from asking for a replica to it serving (node + model load); the loop plans this far ahead.",
+    )
+    prometheus_url: str | None = Field(
+        default=None,
+        max_length=512,
+        pattern=r"^https?://",
+        description=(
+            "Prometheus base URL (e.g. `http://prometheus.monitoring:9090`) the loop queries; "
+            "unset: the loop scrapes the pool pods' /metrics itself."
+        ),
     )
 
 
@@ -329,12 +349,27 @@ class PoolStatus(_Model):
     cost_per_hour: float = 0.0
 
 
+class ControlLoopStatus(_Model):
+    """What the control loop last decided and why; also what it must remember across restarts."""
+
+    last_decision_time: str | None = None
+    mode_since: str | None = Field(default=None, description="When the current mode was entered.")
+    demand_rps: float | None = Field(default=None, description="Estimated arrival rate, requests per second.")
+    planned_rps: float | None = Field(default=None, description="Rate the plan provisions for (trend and headroom).")
+    short_since: dict[str, str] = Field(
+        default_factory=dict, description="Pools the loop remembers as short, with when the shortage began."
+    )
+    reasons: list[str] = Field(default_factory=list, max_length=32, description="Why the last plan is what it is.")
+    last_error: str | None = Field(default=None, description="Why the last observation or action failed, if it did.")
+
+
 class DiffusionServiceStatus(_Model):
     observed_generation: int | None = None
     mode: Literal["cost", "capacity"] | None = None
     pools: list[PoolStatus] = Field(default_factory=list)
     total_cost_per_hour: float | None = None
     conditions: list[Condition] = Field(default_factory=list)
+    control_loop: ControlLoopStatus | None = None
 
 
 class DiffusionService(_Model):

@@ -65,8 +65,12 @@ def build(
         waiting = not_ready + (["router"] if router_ready == 0 and spec.router.replicas > 0 else [])
         ready = ("False", cond.REASON_PROGRESSING, "waiting for ready replicas: " + ", ".join(waiting or ["-"]))
     conditions = cond.set_condition(conditions, cond.READY, *ready, generation=generation, now=now)
+    previous = cond.get_condition(conditions, cond.DEGRADED) or {}
     if blockers:
         degraded = ("True", blockers[0][0], "; ".join(message for _, message in blockers))
+    elif previous.get("status") == "True" and previous.get("reason") in cond.LOOP_DEGRADED_REASONS:
+        # The control loop's finding (e.g. Prometheus unreachable): only the loop clears it.
+        degraded = ("True", previous["reason"], previous.get("message", ""))
     elif not_ready and serving:
         degraded = ("True", cond.REASON_POOLS_UNAVAILABLE, "no ready replicas in " + ", ".join(not_ready))
     else:

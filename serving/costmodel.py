@@ -21,11 +21,16 @@ class StepCostModel:
     #: Weight of a new observation; high enough to follow drift within ~10 steps.
     alpha: float = 0.2
     table: dict[Hashable, dict[int, float]] = field(default_factory=dict)
+    #: Fastest step seen per (shape, rows): what the hardware can do, free of interference
+    #: from other processes, which only ever make a step slower. Batch sizing uses this.
+    best: dict[Hashable, dict[int, float]] = field(default_factory=dict)
 
     def observe(self, shape: Hashable, rows: int, seconds: float) -> None:
         per_rows = self.table.setdefault(shape, {})
         old = per_rows.get(rows)
         per_rows[rows] = seconds if old is None else (1 - self.alpha) * old + self.alpha * seconds
+        fastest = self.best.setdefault(shape, {})
+        fastest[rows] = min(seconds, fastest.get(rows, seconds))
 
     def step_seconds(self, shape: Hashable, rows: int) -> float:
         """Estimated duration of one step of a batch of `rows` rows of `shape`."""
@@ -74,11 +79,11 @@ class StepCostModel:
         less than `min_gain`, a bigger batch only slows everyone in it for no throughput.
         Unmeasured sizes are never ruled out, so the engine keeps exploring them.
         """
-        per_rows = self.table.get(shape)
+        per_rows = self.best.get(shape)
         if not per_rows:
             return None
         known = sorted(per_rows)
-        for small, big in zip(known, known[1:]):
+        for small, big in zip(known, known[1:], strict=False):
             if per_rows[big] / big > (1.0 - min_gain) * per_rows[small] / small:
                 return small
         return None

@@ -14,8 +14,10 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("stepfleet.serving.bench.cli:main", "run a benchmark (engine, ...) and print JSON"),
     "crds": ("stepfleet.operator.crdgen:main", "write (or --check) the DiffusionService CRD YAML"),
+    "dashboards": ("stepfleet.operator.dashboards:main", "write (or --check) the Grafana dashboards for the chart"),
     "model": ("stepfleet.serving.cli:model_main", "write a built-in model (tiny-sd) to a directory"),
     "operator": ("stepfleet.operator.main:main", "run the kopf operator that reconciles DiffusionServices"),
+    "router": ("stepfleet.serving.router.cli:main", "run the router: OpenAI-compatible front door over worker pools"),
     "simulate": ("stepfleet.operator.simulator.cli:main", "simulate the cost/capacity loop against baselines"),
     "worker": ("stepfleet.serving.cli:worker_main", "run a worker: the step-level engine behind the image API"),
 }

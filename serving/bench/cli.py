@@ -21,8 +21,20 @@ def main(argv: list[str]) -> int:
     eng.add_argument("--max-batch", type=int, default=4)
     eng.add_argument("--live-requests", type=int, default=None)
     eng.add_argument("--seed", type=int, default=7)
+    rtr = sub.add_parser("router", help="router added latency on loopback; predicted vs round-robin vs least-requests")
+    rtr.add_argument("--json", action="store_true", help="print the JSON result on stdout")
+    rtr.add_argument("--quick", action="store_true", help="fewer segments and a shorter simulation (< 2 min)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+
+    if args.name == "router":
+        from stepfleet.serving.bench import router_bench
+
+        result = router_bench.run(quick=args.quick)
+        print(router_bench.summary(result), file=sys.stderr)
+        if args.json:
+            print(json.dumps(result, indent=2))
+        return 0
 
     from stepfleet.serving.bench.engine_bench import BenchConfig, run, summary
 

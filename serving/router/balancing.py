@@ -36,6 +36,9 @@ DEFAULT_RATE = 20.0
 RATE_ALPHA = 0.2
 #: One observation may move the estimate by at most this factor (a GC pause is not a new GPU).
 RATE_STEP_LIMIT = 4.0
+#: Predicted completion times this close to the best count as a tie (relative, absolute).
+TIE_TOLERANCE = 0.05
+TIE_SLACK_S = 0.002
 
 
 @dataclass
@@ -58,6 +61,8 @@ class EndpointLoad:
     saturated_until: float = 0.0
     #: Round-robin position (used only by the round-robin baseline).
     served: int = 0
+    #: Completed requests the speed estimate has learned from.
+    samples: int = 0
 
     def wait_s(self, now: float) -> float:
         """Seconds of work ahead of a new request.
@@ -107,6 +112,7 @@ class EndpointLoad:
         observed = (units_ahead + units) / latency_s
         observed = min(self.rate * RATE_STEP_LIMIT, max(self.rate / RATE_STEP_LIMIT, observed))
         self.rate = (1 - RATE_ALPHA) * self.rate + RATE_ALPHA * observed
+        self.samples += 1
 
 
 class SmoothWeightedRoundRobin:
@@ -168,26 +174,48 @@ def choose_endpoint(
     policy: Policy = "predicted",
     exclude: frozenset[str] | set[str] = frozenset(),
     max_inflight: int = 128,
-) -> EndpointLoad | None:
-    """The worker of one pool that should take `cost`, or None when none is usable."""
+) -> tuple[EndpointLoad, float] | None:
+    """The worker of one pool that should take `cost` and the cost it will pay there; None if none is usable."""
     usable = [e for e in endpoints if e.url not in exclude and e.usable(now, max_inflight)]
     if not usable:
         return None
-    if policy == "round_robin":
-        return min(usable, key=lambda e: (e.served, e.url))
-    if policy == "least_requests":
-        return min(usable, key=lambda e: (e.inflight, e.served, e.url))
     home = None
     if cost.template_id:
         # The template's home is the top-ranked usable worker: when it is down or saturated,
         # the next in rank takes over (and will hold the cache from then on).
         home = rendezvous_rank(cost.template_id, [e.url for e in usable])[0]
 
-    def predicted(e: EndpointLoad) -> tuple[float, int, str]:
-        units = cost.units if home is None or e.url == home else cost.uncached_units
-        return (e.predicted_s(units, now), e.inflight, e.url)
+    def units_on(e: EndpointLoad) -> float:
+        return cost.units if home is None or e.url == home else cost.uncached_units
 
-    return min(usable, key=predicted)
+    if policy == "round_robin":
+        best = min(usable, key=lambda e: (e.served, e.url))
+    elif policy == "least_requests":
+        best = min(usable, key=lambda e: (e.inflight, e.served, e.url))
+    else:
+        _adopt_peer_speed(endpoints)
+        predicted = {e.url: e.predicted_s(units_on(e), now) for e in usable}
+        # Predictions are estimates: among workers within the tolerance of the best, take the
+        # template's home (keeps its cache warm), else the least used, so an idle pool spreads
+        # work (and every worker's speed gets measured).
+        cutoff = min(predicted.values()) * (1 + TIE_TOLERANCE) + TIE_SLACK_S
+        best = min((e for e in usable if predicted[e.url] <= cutoff),
+                   key=lambda e: (e.url != home, e.inflight, e.served, predicted[e.url], e.url))
+    return best, units_on(best)
+
+
+def _adopt_peer_speed(endpoints: Sequence[EndpointLoad]) -> None:
+    """A worker never measured yet takes its pool's mean measured speed (same hardware).
+
+    Without this, one fast answer makes the measured worker look infinitely better than the
+    default guess of its idle twin, which then never gets traffic and never gets measured.
+    """
+    measured = [e.rate for e in endpoints if e.samples]
+    if measured and len(measured) < len(endpoints):
+        prior = sum(measured) / len(measured)
+        for e in endpoints:
+            if not e.samples:
+                e.rate = prior
 
 
 @dataclass
@@ -215,6 +243,8 @@ class Attempts:
 class Target:
     pool: str
     endpoint: EndpointLoad
+    #: The request's predicted cost on this worker (cached or not).
+    units: float
 
 
 class Balancer:
@@ -258,12 +288,13 @@ class Balancer:
         return None
 
     def _in_pool(self, pool: PoolView, cost: RequestCost, now: float, attempts: Attempts) -> Target | None:
-        ep = choose_endpoint(pool.endpoints, cost, now, self.policy, attempts.tried_urls, self.max_inflight)
-        if ep is None:
+        choice = choose_endpoint(pool.endpoints, cost, now, self.policy, attempts.tried_urls, self.max_inflight)
+        if choice is None:
             return None
+        ep, units = choice
         attempts.tried_urls.add(ep.url)
         attempts.tried_pools.append(pool.name)
-        return Target(pool.name, ep)
+        return Target(pool.name, ep, units)
 
     def retain(self, names: Iterable[str]) -> None:
         self.wrr.retain(names)

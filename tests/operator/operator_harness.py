@@ -92,6 +92,14 @@ async def operator(em: Emulator, config: handlers.OperatorConfig = FAST) -> Asyn
         for client in clients:
             client.close()
         stop.set()
+        # A graceful exit takes well under a second, except that kopf may respawn a timer for
+        # an object whose event was still queued when it stopped the daemons; it would then
+        # wait 5 s for that "hung" timer. Cancel such timers (only them) after a grace period.
+        done, _ = await asyncio.wait({task}, timeout=0.5)
+        if not done:
+            for other in asyncio.all_tasks():
+                if other.get_name().startswith("runner of ") and "control_loop" in other.get_name():
+                    other.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait_for(task, 15)
 

@@ -1,0 +1,193 @@
+"""Acting on a plan, and reporting it: children, `status`, Events.
+
+Children are written with the same pure builders and the same idempotent `applying.apply`
+the reconcile uses, with the plan passed as what must be carried over (`Observed`): so the
+loop and a later reconcile agree on every field, and a reconcile after a loop tick writes
+nothing. Only what the plan changes is touched: a pool's Deployment when its replicas
+differ, the router ConfigMap when weights differ, an existing NodePool when its limits do
+(the loop never creates a NodePool; that is the reconcile's, and it reports a cluster
+without Karpenter).
+
+Status and Events are built by pure functions here, with the condition and Event helpers
+of `conditions`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from typing import Any
+
+from stepfleet.operator import applying, kube, names
+from stepfleet.operator import conditions as cond
+from stepfleet.operator.children import Observed, Owner, nodepools, router, workers
+from stepfleet.operator.models import DiffusionServiceSpec, PoolSpec
+from stepfleet.operator.policy import Plan, PolicyState
+from stepfleet.operator.policy.model import PoolMemory
+
+from .observe import format_time, parse_time
+
+#: Router weights are written with this many decimals (as the reconcile's defaults).
+WEIGHT_DECIMALS = 6
+
+
+def weights(plan: Plan) -> dict[str, float]:
+    return {name: round(w, WEIGHT_DECIMALS) for name, w in plan.weights.items()}
+
+
+def nodepool_limits(pool: PoolSpec, replicas: int) -> dict[str, str]:
+    """NodePool limits for `replicas` replicas (limits the user set in the spec win)."""
+    assert pool.node_pool is not None
+    if pool.node_pool.limits is not None:
+        return nodepools.limits(pool)
+    return nodepools.limits(pool.model_copy(update={"max_replicas": replicas}))
+
+
+def apply_plan(
+    client: kube.Client,
+    owner: Owner,
+    spec: DiffusionServiceSpec,
+    plan: Plan,
+    deployments: Mapping[str, Mapping[str, Any] | None],
+) -> list[str]:
+    """Write what the plan changes; returns what was changed. Raises kube.ApiError, ChildConflict."""
+    observed = Observed(replicas=plan.replicas, weights=weights(plan))
+    changes: list[str] = []
+    for pool in spec.pools:
+        live = deployments.get(pool.name)
+        if live is None:
+            continue  # not created yet: the reconcile builds it
+        want = plan.replicas[pool.name]
+        if int((live.get("spec") or {}).get("replicas") or 0) != want:
+            applying.apply(client, workers.deployment(owner, spec, pool, observed))
+            changes.append(f"{pool.name} replicas {want}")
+    action, _ = applying.apply(client, router.configmap(owner, spec, observed))
+    if action != "none":
+        changes.append("router weights " + ", ".join(f"{k} {v:.2f}" for k, v in observed.weights.items()))
+    for pool in spec.pools:
+        if pool.node_pool is None:
+            continue
+        name = names.nodepool(owner.namespace, owner.name, pool.name)
+        live_np = client.get(kube.NODEPOOL, None, name)
+        if live_np is None:
+            continue
+        limits = nodepool_limits(pool, plan.nodepool_limits[pool.name])
+        if (live_np.get("spec") or {}).get("limits") == limits:
+            continue
+        manifest = nodepools.nodepool(owner, pool)
+        manifest["spec"]["limits"] = limits
+        action, _ = applying.apply(client, manifest)
+        if action != "none":
+            changes.append(f"NodePool {name} limits {limits}")
+    return changes
+
+
+# --- status -----------------------------------------------------------------------------------
+
+
+def state_from_status(status: Mapping[str, Any] | None) -> PolicyState:
+    """What survives an operator restart: the mode, since when, and the pools seen short."""
+    status = status or {}
+    loop = status.get("controlLoop") or {}
+    if not loop.get("modeSince"):
+        return PolicyState()  # the loop never decided: `status.mode` is only the reconcile's default
+    mode = status.get("mode") if status.get("mode") in ("cost", "capacity") else "cost"
+    short = {pool: parse_time(since) for pool, since in (loop.get("shortSince") or {}).items()}
+    return PolicyState(
+        mode=mode,
+        mode_since_s=parse_time(loop.get("modeSince")),
+        pools=tuple(PoolMemory(name=pool, short_since=since) for pool, since in short.items() if since is not None),
+    )
+
+
+def decided_status(
+    old: Mapping[str, Any],
+    spec: DiffusionServiceSpec,
+    plan: Plan,
+    state: PolicyState,
+    *,
+    demand_rps: float,
+    shortages: Mapping[str, float],
+    generation: int | None,
+    now: dt.datetime,
+) -> dict[str, Any]:
+    """The status fields the loop owns after a decision (a merge patch of `status`)."""
+    old_pools = {p.get("name"): p for p in old.get("pools") or []}
+    w = weights(plan)
+    pools = []
+    for pool in spec.pools:
+        entry = dict(old_pools.get(pool.name) or {"name": pool.name, "readyReplicas": 0})
+        replicas = plan.replicas[pool.name]
+        entry.update(
+            replicas=replicas,
+            weight=w[pool.name],
+            capacityState="Short" if pool.name in shortages else "Available",
+            costPerHour=round(replicas * pool.price_per_hour, 4),
+        )
+        pools.append(entry)
+    conditions = list(old.get("conditions") or [])
+    if shortages:
+        listed = ", ".join(f"{p} since {format_time(s)}" for p, s in sorted(shortages.items()))
+        short = ("True", cond.REASON_INSUFFICIENT_CAPACITY, f"pools without capacity: {listed}")
+    else:
+        short = ("False", cond.REASON_CAPACITY_AVAILABLE, "every pool can get capacity")
+    conditions = cond.set_condition(conditions, cond.CAPACITY_SHORT, *short, generation=generation, now=now)
+    conditions = clear_loop_degraded(conditions, generation=generation, now=now)
+    remembered = {m.name: format_time(m.short_since) for m in state.pools if m.short_since is not None}
+    return {
+        "mode": plan.mode,
+        "pools": pools,
+        "totalCostPerHour": round(plan.cost_per_hour, 4),
+        "conditions": conditions,
+        "controlLoop": {
+            "lastDecisionTime": cond.timestamp(now),
+            "modeSince": format_time(state.mode_since_s) if state.mode_since_s is not None else None,
+            "demandRps": round(demand_rps, 4),
+            "plannedRps": round(plan.planned_rps, 4),
+            "shortSince": remembered,
+            "reasons": list(plan.reasons)[:32],
+            "lastError": None,
+        },
+    }
+
+
+def clear_loop_degraded(conditions: list[dict[str, Any]], *, generation: int | None, now: dt.datetime) -> list[dict[str, Any]]:
+    """Clear a Degraded the loop set earlier, once its cause is gone."""
+    degraded = cond.get_condition(conditions, cond.DEGRADED)
+    if degraded and degraded.get("reason") in cond.LOOP_DEGRADED_REASONS:
+        return cond.set_condition(
+            conditions, cond.DEGRADED, "False", cond.REASON_OBSERVING,
+            "the control loop observes the fleet and acts again", generation=generation, now=now,
+        )
+    return conditions
+
+
+def failed_status(
+    old: Mapping[str, Any], reason: str, message: str, *, generation: int | None, now: dt.datetime
+) -> dict[str, Any]:
+    """Degraded with the loop's reason, unless the reconcile reports a child that cannot exist."""
+    conditions = list(old.get("conditions") or [])
+    degraded = cond.get_condition(conditions, cond.DEGRADED) or {}
+    if not (degraded.get("status") == "True" and degraded.get("reason") in cond.BLOCKER_REASONS):
+        conditions = cond.set_condition(conditions, cond.DEGRADED, "True", reason, message, generation=generation, now=now)
+    loop = dict(old.get("controlLoop") or {})
+    loop["lastError"] = message[:1024]
+    return {"conditions": conditions, "controlLoop": loop}
+
+
+def newly_degraded(old: Mapping[str, Any], new: Mapping[str, Any], reason: str) -> bool:
+    before = cond.get_condition(old.get("conditions") or [], cond.DEGRADED) or {}
+    after = cond.get_condition(new.get("conditions") or [], cond.DEGRADED) or {}
+    return after.get("reason") == reason and (before.get("reason") != reason or before.get("status") != "True")
+
+
+def mode_event(meta: Mapping[str, Any], previous: str, plan: Plan, now: dt.datetime) -> dict[str, Any]:
+    why = "; ".join(r for r in plan.reasons if "mode" in r) or "; ".join(plan.reasons)
+    return cond.event(
+        dict(meta), type_="Normal", reason=cond.REASON_MODE_CHANGED,
+        message=f"switched from {previous} to {plan.mode} mode: {why}", now=now,
+    )
+
+
+def failure_event(meta: Mapping[str, Any], reason: str, message: str, now: dt.datetime) -> dict[str, Any]:
+    return cond.event(dict(meta), type_="Warning", reason=reason, message=message, now=now)

@@ -1,0 +1,184 @@
+"""Sending a request to a worker, and the failover walk when a worker fails.
+
+One pooled `UpstreamClient` per router (keep-alive connections to every worker; see
+upstream.py for why it is not httpx). Each attempt asks
+the pure `Balancer` for a target, sends the body unchanged (JSON or multipart bytes, the
+client's content type and boundary kept), and classifies the outcome:
+
+* connection refused / reset / protocol error, or 5xx → a *failure*: retried on another
+  worker of the pool, then another pool, up to `max_attempts` and within the deadline;
+  a refused connection also ejects the worker for `eject_s`;
+* 429 → the worker is *saturated* until its Retry-After; the next worker is tried without
+  spending a failure. If every worker is saturated the client gets 429 with Retry-After;
+* anything else (2xx, 4xx) is the answer.
+
+Workers report their backlog on every response (`X-Stepfleet-Backlog-Seconds`), so the
+router's load view is refreshed as a side effect of forwarding.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from stepfleet.serving.errors import APIError
+from stepfleet.serving.router.balancing import Attempts, Balancer, saturation_retry_after
+from stepfleet.serving.router.config import RouterSettings
+from stepfleet.serving.router.costing import RequestCost
+from stepfleet.serving.router.metrics import RouterMetrics
+from stepfleet.serving.router.state import FleetState
+from stepfleet.serving.router.upstream import ConnectFailed, Reply, UpstreamClient, UpstreamError
+
+log = logging.getLogger(__name__)
+
+BACKLOG_HEADER = "x-stepfleet-backlog-seconds"
+#: Never sent upstream: hop-by-hop, recomputed, or the router's own credentials.
+_DROP_REQUEST = frozenset({
+    "host", "content-length", "connection", "keep-alive", "transfer-encoding", "te", "upgrade",
+    "proxy-authorization", "proxy-connection", "authorization", "expect", "accept-encoding",
+})
+#: Never copied back: hop-by-hop, recomputed by our server, or describing one worker only.
+_DROP_RESPONSE = frozenset({
+    "connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "date",
+    "server", "x-request-id", "x-stepfleet-backlog-seconds", "x-stepfleet-step-units",
+})
+_RETRY_STATUSES = frozenset({500, 502, 503, 504})
+
+
+@dataclass
+class UpstreamReply:
+    status: int
+    headers: list[tuple[str, str]]
+    content: bytes
+    pool: str
+    url: str
+    attempts: int
+
+
+def make_client(settings: RouterSettings) -> UpstreamClient:
+    return UpstreamClient(connect_timeout_s=settings.connect_timeout_s, timeout_s=settings.upstream_timeout_s)
+
+
+def upstream_headers(headers: list[tuple[str, str]], request_id: str) -> list[tuple[str, str]]:
+    out = [(k, v) for k, v in headers if k.lower() not in _DROP_REQUEST and k.lower() != "x-request-id"]
+    out.append(("x-request-id", request_id))
+    out.append(("accept-encoding", "identity"))
+    return out
+
+
+def _header(headers: list[tuple[str, str]], name: str) -> str | None:
+    for k, v in headers:
+        if k == name:
+            return v
+    return None
+
+
+def _retry_after(headers: list[tuple[str, str]], default: float) -> float:
+    try:
+        return max(0.0, float(_header(headers, "retry-after") or default))
+    except ValueError:
+        return default
+
+
+class Forwarder:
+    def __init__(self, settings: RouterSettings, fleet: FleetState, balancer: Balancer, metrics: RouterMetrics,
+                 client: UpstreamClient, clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings
+        self.fleet = fleet
+        self.balancer = balancer
+        self.metrics = metrics
+        self.client = client
+        self.clock = clock
+
+    async def forward(self, method: str, path: str, query: str, headers: list[tuple[str, str]], body: bytes,
+                      cost: RequestCost, request_id: str, route: str, deadline: float | None = None) -> UpstreamReply:
+        """Forward with failover; raise `APIError` (429/503) when no worker could answer."""
+        attempts = Attempts()
+        send_headers = upstream_headers(headers, request_id)
+        last_error = "no worker was available"
+        target_path = path + (f"?{query}" if query else "")
+        while attempts.failures < self.settings.max_attempts:
+            now = self.clock()
+            if attempts.tried_pools and deadline is not None and now >= deadline:
+                last_error += "; the request's deadline passed before another attempt"
+                break
+            pools = self.fleet.pools
+            target = self.balancer.next_target(pools, cost, now, attempts)
+            if target is None:
+                break
+            ep = target.endpoint
+            units = target.units
+            predicted = ep.predicted_s(units, now)
+            ahead = ep.dispatched(units)
+            started = self.clock()
+            try:
+                resp = await self.client.request(method, ep.url + target_path, send_headers, body)
+            except UpstreamError as exc:
+                ep.finished(units)
+                attempts.failures += 1
+                reason = type(exc).__name__
+                if isinstance(exc, ConnectFailed):
+                    ep.down_until = self.clock() + self.settings.eject_s
+                last_error = f"worker {ep.url} (pool {target.pool}) failed: {reason}: {exc}"
+                log.warning("%s [%s]", last_error, request_id)
+                self.metrics.retries.labels(target.pool, reason).inc()
+                continue
+            ep.finished(units)
+            end = self.clock()
+            elapsed = end - started
+            self.metrics.upstream_seconds.labels(target.pool, route).observe(elapsed)
+            backlog = _header(resp.headers, BACKLOG_HEADER)
+            if backlog is not None:
+                try:
+                    ep.report(float(backlog), end)
+                except ValueError:
+                    pass
+            status = resp.status
+            if status == 429:
+                ep.saturated_until = end + _retry_after(resp.headers, 1.0)
+                last_error = f"worker {ep.url} (pool {target.pool}) is saturated"
+                self.metrics.retries.labels(target.pool, "saturated").inc()
+                continue
+            if status in _RETRY_STATUSES:
+                attempts.failures += 1
+                if status == 503:  # not ready / shutting down: leave it alone for a while
+                    ep.down_until = end + min(self.settings.eject_s, _retry_after(resp.headers, 1.0))
+                last_error = f"worker {ep.url} (pool {target.pool}) answered {status}: {_message(resp)}"
+                log.warning("%s [%s]", last_error, request_id)
+                self.metrics.retries.labels(target.pool, str(status)).inc()
+                continue
+            if 200 <= status < 300 and cost.kind != "other":
+                # What actually ran here: cached cost on the template's home, full cost elsewhere.
+                ep.learn(ahead, units, elapsed)
+                if predicted > 0:
+                    self.metrics.prediction_error.labels(target.pool).observe(elapsed / predicted)
+            out = [(k, v) for k, v in resp.headers if k not in _DROP_RESPONSE]
+            return UpstreamReply(status, out, resp.content, target.pool, ep.url, len(attempts.tried_pools))
+        self._raise_unavailable(attempts, last_error)
+        raise AssertionError("unreachable")
+
+    def _raise_unavailable(self, attempts: Attempts, last_error: str) -> None:
+        now = self.clock()
+        wait = saturation_retry_after(self.fleet.pools, now, self.settings.max_inflight_per_worker)
+        if wait is not None:
+            raise APIError(429, "every worker is saturated; retry later", code="saturated",
+                           headers={"Retry-After": str(math.ceil(wait))})
+        if not any(p.endpoints for p in self.fleet.pools):
+            raise APIError(503, "no worker pool is configured (or none has workers)", code="no_pool",
+                           headers={"Retry-After": "5"})
+        if not attempts.tried_pools:
+            raise APIError(503, "no pool with a weight above 0 has a usable worker", code="no_pool",
+                           headers={"Retry-After": "5"})
+        raise APIError(503, f"no worker could serve the request after {len(attempts.tried_pools)} attempt(s): "
+                       f"{last_error}", code="upstream_unavailable", headers={"Retry-After": "1"})
+
+
+def _message(resp: Reply) -> str:
+    try:
+        return str(json.loads(resp.content)["error"]["message"])[:200]
+    except Exception:
+        return resp.content[:200].decode("utf-8", "replace")
