@@ -6,6 +6,10 @@ BIN := $(VENV)/bin
 # first so nothing resolves a CUDA build. GPU users bring their own torch (any 2.x the range allows).
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+# The repository's top-level operator/ folder would shadow Python's standard `operator` module
+# for any `python -m ...` run from here before the project is installed; never put the working
+# directory on sys.path (Python >= 3.11 honours this; the installed package is what we import).
+export PYTHONSAFEPATH := 1
 PYTEST_ARGS ?=
 
 .PHONY: install tools demo test test-all lint bench-engine bench-engine-quick clean
@@ -14,9 +18,9 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH_SPEC)
+	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
 demo: install
