@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: install
-	$(BIN)/python -m stepfleet.serving.demo --out demo.png
+	$(BIN)/python -m stepfleet.operator.local.demo --out demo.png
 
 # helm and promtool for the deployment tests (tests/deploy), into .tools/bin; instant once there.
 tools:

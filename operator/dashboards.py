@@ -62,8 +62,6 @@ PENDING: dict[str, str] = {
     OPERATOR_COST: "control loop (issue 5)",
     OPERATOR_REPLICAS: "control loop (issue 5)",
     OPERATOR_CAPACITY_SHORT: "control loop (issue 5)",
-    CACHE_HITS: "worker template cache (issue 3)",
-    CACHE_MISSES: "worker template cache (issue 3)",
 }
 
 _METRIC = re.compile(r"(?<![\w:])stepfleet_[A-Za-z0-9_]*(?![\w:])")

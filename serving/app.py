@@ -53,6 +53,7 @@ class WorkerState:
         if engine is not None:
             engine.observer = self.metrics
         self.ready = threading.Event()
+        self.own_cache = None  # the template cache this worker made (closed at shutdown)
         self.load_error: str | None = None
         self.started = int(time.time())
         self.limits = Limits(
@@ -75,9 +76,18 @@ class WorkerState:
                 s = self.settings
                 model = load_model(s.model, device=s.device, dtype=s.dtype, local_files_only=s.local_files_only,
                                    revision=s.revision)
+                from stepfleet.serving.edits.cache import TemplateCache
+
+                self.own_cache = TemplateCache(s.template_cache_bytes, disk_bytes=s.template_disk_bytes,
+                                               disk_dir=s.template_dir)
                 config = EngineConfig(max_batch=s.max_batch, max_queue=s.max_queue, preemption=s.preemption,
                                       policy=s.policy, slo_scale=s.slo_scale)
-                self.engine = Engine(ModelRunner(model), config, observer=self.metrics)
+                try:
+                    runner = ModelRunner(model, template_cache=self.own_cache)
+                except NotImplementedError as exc:  # a UNet variant masked compute does not know
+                    log.warning("edits disabled: %s", exc)
+                    runner = ModelRunner(model)
+                self.engine = Engine(runner, config, observer=self.metrics)
             self.engine.start()
             if self.settings.warmup:
                 w, h = self.default_size
@@ -105,6 +115,8 @@ def create_app(settings: WorkerSettings | None = None, engine: Engine | None = N
         if state.engine is not None:
             # uvicorn has already waited for in-flight HTTP requests; drain what is left.
             await asyncio.to_thread(state.engine.stop, True, settings.graceful_shutdown_s)
+        if state.own_cache is not None:
+            state.own_cache.close()
 
     app = FastAPI(title="stepfleet worker", version="0.1.0", lifespan=lifespan)
     app.state.worker = state
@@ -138,6 +150,9 @@ def create_app(settings: WorkerSettings | None = None, engine: Engine | None = N
             load = state.engine.load()
             state.metrics.queue_depth.labels(settings.pool).set(load["waiting"])
             state.metrics.backlog.labels(settings.pool).set(load["backlog_s"])
+            cache = getattr(state.engine.runner, "cache", None)
+            if cache is not None:
+                state.metrics.observe_cache(cache.snapshot())
         return PlainTextResponse(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
@@ -192,6 +207,9 @@ def create_app(settings: WorkerSettings | None = None, engine: Engine | None = N
             }
         )
 
+    from stepfleet.serving.edits.http import install_edit_routes
+
+    install_edit_routes(app, state)
     return app
 
 

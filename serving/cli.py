@@ -27,7 +27,11 @@ def worker_main(argv: list[str]) -> int:
     ap.add_argument("--no-preemption", dest="preemption", action="store_false")
     ap.add_argument("--max-image-size", type=int, default=1024)
     ap.add_argument("--default-steps", type=int, default=20)
-    ap.add_argument("--template-cache-bytes", type=int, default=2 * 1024**3)
+    ap.add_argument("--template-cache-bytes", type=int, default=2 * 1024**3,
+                    help="host memory for template activations (edits); least recently used spill or go")
+    ap.add_argument("--template-disk-bytes", type=int, default=0,
+                    help="disk for spilled template activations (0: no disk tier)")
+    ap.add_argument("--template-dir", default=None, help="spill directory (default: a temporary one)")
     ap.add_argument("--no-warmup", dest="warmup", action="store_false")
     ap.add_argument("--graceful-shutdown-s", type=float, default=60.0)
     ap.add_argument("--log-level", default="info")

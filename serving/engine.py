@@ -107,6 +107,8 @@ class EngineResult:
     steps: int
     #: Final latents (on the CPU), for equality checks; None for runners without tensors.
     latents: Any = None
+    #: For edits: "cached" (masked compute from the template's activations) or "full".
+    edit_path: str | None = None
 
 
 class _NullObserver:
@@ -268,12 +270,13 @@ class Engine:
         explicit = p.deadline_ms is not None
         budget = p.deadline_ms / 1000.0 if explicit else self.config.slo_scale * solo
         req.tensors = tensors
+        steps = getattr(tensors, "num_steps", None) or p.num_inference_steps  # fewer with strength < 1
         req.seq = Seq(
             id=req.id,
             shape=shape,
             rows=p.n,
             unet_rows=p.n * rows_per_image,
-            steps_total=p.num_inference_steps,
+            steps_total=steps,
             arrival=req.arrival,
             deadline=req.arrival + budget,
             explicit_deadline=explicit,
@@ -286,6 +289,7 @@ class Engine:
 
     def _decode(self, req: EngineRequest) -> None:
         latents = getattr(req.tensors, "latents", None)
+        edit_path = getattr(req.tensors, "edit_path", None)
         try:
             images = self.runner.decode(req.tensors)
         except Exception as exc:
@@ -301,6 +305,7 @@ class Engine:
             total_s=req.finished_at - req.arrival,
             steps=req.params.num_inference_steps,
             latents=latents.detach().to("cpu") if self.keep_latents and latents is not None else None,
+            edit_path=edit_path,
         )
         self._finish(req, "ok", result=result)
 

@@ -21,6 +21,12 @@ SLO = "stepfleet_slo_requests_total"
 PREEMPTIONS = "stepfleet_preemptions_total"
 READY = "stepfleet_worker_ready"
 BACKLOG_SECONDS = "stepfleet_backlog_seconds"
+CACHE_HITS = "stepfleet_template_cache_hits_total"
+CACHE_MISSES = "stepfleet_template_cache_misses_total"
+CACHE_MEMORY_BYTES = "stepfleet_template_cache_memory_bytes"
+CACHE_DISK_BYTES = "stepfleet_template_cache_disk_bytes"
+CACHE_LOAD_SECONDS = "stepfleet_template_cache_load_seconds_total"
+CACHE_EVICTIONS = "stepfleet_template_cache_evictions_total"
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 60, 120)
 _STEP_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2)
@@ -58,9 +64,34 @@ class WorkerMetrics:
                                    registry=r)
         self.ready = Gauge(READY, "1 once the model is loaded and warmed up.", ["pool"], registry=r)
         self.backlog = Gauge(BACKLOG_SECONDS, "Estimated seconds to finish all accepted work.", ["pool"], registry=r)
+        # Template cache (edits): counters follow `TemplateCache.stats`, synced on each scrape.
+        self.cache_hits = Counter(CACHE_HITS, "Template cache reads served from memory.", ["pool"], registry=r)
+        self.cache_misses = Counter(CACHE_MISSES, "Template cache reads that went to disk or found nothing.",
+                                    ["pool"], registry=r)
+        self.cache_memory = Gauge(CACHE_MEMORY_BYTES, "Template activations held in host memory.", ["pool"],
+                                  registry=r)
+        self.cache_disk = Gauge(CACHE_DISK_BYTES, "Template activations spilled to disk.", ["pool"], registry=r)
+        self.cache_load_seconds = Counter(CACHE_LOAD_SECONDS, "Time spent reading template activations from disk.",
+                                          ["pool"], registry=r)
+        self.cache_evictions = Counter(CACHE_EVICTIONS, "Template steps dropped from both tiers.", ["pool"],
+                                       registry=r)
+        self._cache_seen: dict[str, float] = {}
         for fam in (self.queue_depth, self.running_batch, self.ready, self.backlog, self.preemptions,
-                    self.images, self.step_seconds):
+                    self.images, self.step_seconds, self.cache_hits, self.cache_misses, self.cache_memory,
+                    self.cache_disk, self.cache_load_seconds, self.cache_evictions):
             fam.labels(self.pool)
+
+    def observe_cache(self, snapshot: dict[str, float]) -> None:
+        """Bring the cache families up to a `TemplateCache.snapshot()` (counters advance by the difference)."""
+        for field, counter in (("hits", self.cache_hits), ("misses", self.cache_misses),
+                               ("load_seconds", self.cache_load_seconds), ("evictions", self.cache_evictions)):
+            now = float(snapshot.get(field, 0))
+            delta = now - self._cache_seen.get(field, 0.0)
+            if delta > 0:
+                counter.labels(self.pool).inc(delta)
+            self._cache_seen[field] = max(now, self._cache_seen.get(field, 0.0))
+        self.cache_memory.labels(self.pool).set(snapshot.get("bytes_memory", 0))
+        self.cache_disk.labels(self.pool).set(snapshot.get("bytes_disk", 0))
 
     # EngineObserver hooks -------------------------------------------------------------
     def on_step(self, seconds: float, batch_images: int, queue_depth: int) -> None:

@@ -75,6 +75,27 @@ class GenerationParams:
     deadline_ms: float | None = None  # relative to arrival; None: the engine derives one
     output_format: str = "png"
     extra: dict[str, object] = field(default_factory=dict)
+    #: Set for image edits and template registrations; None for plain text-to-image.
+    edit: EditSpec | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class EditSpec:
+    """What makes a request an edit (or a template registration), beside its generation settings.
+
+    Plain data: the HTTP layer decodes and checks uploads (so a bad mask is a 400 naming
+    `mask`), the runner turns them into tensors. `record` registers `template_id`: the
+    template's image is run once in full while its activations are stored. An edit names
+    a registered `template_id` or brings its own `image`; `pixel_mask` is an (H, W) bool
+    tensor, True where the image may change. `use_cache=False` forces full compute.
+    """
+
+    record: bool = False
+    template_id: str | None = None
+    image: object = None  # PIL image of the request's size (record, or an edit without a template)
+    pixel_mask: object = None  # (H, W) bool tensor (edits only)
+    strength: float = 1.0
+    use_cache: bool = True
 
 
 def parse_size(size: str | None, default: tuple[int, int], limits: Limits) -> tuple[int, int]:
@@ -125,6 +146,8 @@ def validate(params: GenerationParams, limits: Limits) -> GenerationParams:
         raise InvalidParam("seed", "must be a non-negative 64-bit integer")
     if params.deadline_ms is not None and params.deadline_ms <= 0:
         raise InvalidParam("deadline_ms", "must be positive")
+    if params.edit is not None and not 0.0 < params.edit.strength <= 1.0:
+        raise InvalidParam("strength", f"must be in (0, 1] (got {params.edit.strength})")
     if params.output_format not in OUTPUT_FORMATS:
         raise InvalidParam("output_format", f"must be one of {', '.join(OUTPUT_FORMATS)}")
     return params

@@ -34,6 +34,12 @@ class WorkerSettings(BaseModel):
     warmup: bool = True
     graceful_shutdown_s: float = Field(default=60.0, ge=0)
     template_cache_bytes: int = Field(default=2 * 1024**3, ge=0)
+    #: Template activations spill here (safetensors) when memory is full; 0 disables the disk tier.
+    template_disk_bytes: int = Field(default=0, ge=0)
+    #: Spill directory; None: a temporary directory, removed at shutdown.
+    template_dir: str | None = None
+    #: Largest accepted multipart upload (edits, templates); larger is 413.
+    max_upload_bytes: int = Field(default=32 * 1024**2, ge=1024)
 
     @field_validator("device")
     @classmethod

@@ -1,0 +1,240 @@
+"""The local fleet's pure parts: pools, the policy spec, observations, the router config.
+
+Everything the `stepfleet up` loop decides goes through here as plain data, so the rules
+are tested without processes or sockets:
+
+- `parse_pools("cheap:0.10,fast:0.40")`: the `--pools` flag;
+- `local_policy_spec(...)`: the `PolicySpec` the operator would build from a
+  DiffusionService, with local defaults (a small model loads in seconds, not minutes, so
+  the loop's delays are seconds too);
+- `LoopMemory` + `control_step(...)`: one observe-decide pass, the operator's own
+  functions end to end — worker `/metrics` differenced between two scrapes
+  (`observe.metrics_from_scrapes`), demand from interval rates (`estimate_demand`), the
+  observation, and the same `decide`;
+- `shortages(...)`: the local capacity signal, a worker meant to serve that has not been
+  ready for longer than a grace period (the operator's "replicas that never become ready");
+- `router_config(...)`: the `router.yaml` for the ready workers and the plan's weights.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import yaml
+
+from stepfleet.operator.loop import observe
+from stepfleet.operator.policy import (
+    ControlSettings,
+    Observation,
+    Plan,
+    PolicySpec,
+    PolicyState,
+    PoolObservation,
+    PoolSpec,
+    SloSpec,
+    decide,
+)
+from stepfleet.operator.policy.demand import estimate_demand
+from stepfleet.serving.router.config import CONFIG_VERSION
+
+from .supervise import WorkerView
+
+#: Interval rates kept for the demand trend (as the operator's timer keeps).
+TREND_SAMPLES = 15
+
+
+@dataclass(frozen=True)
+class LocalPool:
+    """One pool of the local fleet: a name and the price per hour it pretends to cost."""
+
+    name: str
+    price_per_hour: float
+
+
+def parse_pools(text: str) -> tuple[LocalPool, ...]:
+    """`NAME:PRICE[,NAME:PRICE...]` → pools; raises ValueError naming the bad part."""
+    pools: list[LocalPool] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        name, sep, price = part.partition(":")
+        name = name.strip()
+        if not name or not all(c.isalnum() or c == "-" for c in name) or name[0] == "-":
+            raise ValueError(f"pool {part!r}: the name must be letters, digits and '-'")
+        try:
+            value = float(price) if sep else 0.0
+        except ValueError:
+            raise ValueError(f"pool {part!r}: price {price!r} is not a number") from None
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"pool {part!r}: price must be a non-negative number")
+        if any(p.name == name for p in pools):
+            raise ValueError(f"pool {name!r} is given twice")
+        pools.append(LocalPool(name, value))
+    if not pools:
+        raise ValueError("no pools given (expected NAME:PRICE[,NAME:PRICE...])")
+    return tuple(pools)
+
+
+@dataclass(frozen=True)
+class LocalSettings:
+    """The local loop's knobs (command-line flags); seconds and requests per second."""
+
+    interval_s: float = 5.0
+    min_workers: int = 1
+    max_workers: int = 2
+    #: Requests per second one worker is assumed to serve (no measurement is taken).
+    throughput_rps_per_worker: float = 1.0
+    slo_latency_s: float = 10.0
+    slo_percentile: float = 0.95
+    #: Seconds a new worker takes to be ready (the policy plans this far ahead).
+    provision_s: float = 20.0
+    #: A worker meant to serve but not ready for this long marks its pool capacity-short.
+    ready_grace_s: float = 120.0
+    mode: str = "auto"
+
+
+def local_policy_spec(pools: Sequence[LocalPool], settings: LocalSettings) -> PolicySpec:
+    """The policy's spec for local pools: the operator's defaults scaled to seconds."""
+    interval = settings.interval_s
+    return PolicySpec(
+        slo=SloSpec(latency_s=settings.slo_latency_s, percentile=settings.slo_percentile),
+        pools=tuple(
+            PoolSpec(
+                name=p.name,
+                price_per_hour=p.price_per_hour,
+                throughput_rps_per_replica=settings.throughput_rps_per_worker,
+                latency_s=settings.slo_latency_s * observe.DEFAULT_LATENCY_SHARE,
+                provision_s=settings.provision_s,
+                min_replicas=settings.min_workers,
+                max_replicas=settings.max_workers,
+            )
+            for p in pools
+        ),
+        mode=settings.mode,  # type: ignore[arg-type]
+        control=ControlSettings(
+            interval_s=interval,
+            dwell_s=max(6 * interval, 3 * settings.provision_s),
+            recovery_window_s=max(3 * interval, settings.provision_s),
+            stabilization_s=max(6 * interval, 30.0),
+        ),
+    )
+
+
+def initial_desired(pools: Sequence[LocalPool], settings: LocalSettings) -> dict[str, int]:
+    """Workers per pool before the first decision: the minimum, and at least one."""
+    return {p.name: max(1, settings.min_workers) for p in pools}
+
+
+def shortages(workers: Sequence[WorkerView], now_s: float, grace_s: float) -> dict[str, float]:
+    """pool -> since when a worker meant to serve has not been ready, past the grace period."""
+    out: dict[str, float] = {}
+    for w in workers:
+        if w.phase in ("starting", "crashed") and w.unready_since_s is not None and now_s - w.unready_since_s > grace_s:
+            out[w.pool] = min(out.get(w.pool, w.unready_since_s), w.unready_since_s)
+    return out
+
+
+def build_observation(
+    now_s: float,
+    pools: Sequence[LocalPool],
+    desired: Mapping[str, int],
+    workers: Sequence[WorkerView],
+    demand: tuple[float, float],
+    metrics: observe.Metrics,
+    short: Mapping[str, float],
+) -> Observation:
+    """The policy's input from the local fleet (workers in place of a Deployment's pods)."""
+    observed = []
+    for pool in pools:
+        mine = [w for w in workers if w.pool == pool.name]
+        ready = sum(1 for w in mine if w.phase == "ready")
+        want = int(desired.get(pool.name, 0))
+        m = metrics.pools.get(pool.name) or observe.PoolMetrics()
+        observed.append(PoolObservation(
+            name=pool.name,
+            desired_replicas=want,
+            ready_replicas=ready,
+            pending_replicas=max(0, want - ready),
+            latency_s=m.latency_s,
+            queue_depth=m.queue_depth,
+            capacity_short_since=short.get(pool.name),
+        ))
+    rate, trend = demand
+    return Observation(now_s=now_s, arrival_rps=rate, arrival_trend_rps_per_s=trend, pools=tuple(observed))
+
+
+@dataclass
+class LoopMemory:
+    """What the local loop carries between runs (the operator keeps the same in kopf's memo)."""
+
+    state: PolicyState = field(default_factory=PolicyState)
+    plan: Plan | None = None
+    samples: tuple[tuple[float, float], ...] = ()
+    scrapes: dict[str, observe.WorkerSample] = field(default_factory=dict)
+    scraped_at: float | None = None
+
+
+def control_step(
+    memory: LoopMemory,
+    spec: PolicySpec,
+    pools: Sequence[LocalPool],
+    desired: Mapping[str, int],
+    workers: Sequence[WorkerView],
+    scrapes: Mapping[str, observe.WorkerSample],
+    now_s: float,
+    ready_grace_s: float,
+) -> Plan | None:
+    """One observe-decide pass over this scrape of the ready workers (keyed by worker name).
+
+    Updates `memory`; returns the plan, or None on the first scrape (rates need two).
+    """
+    previous, previous_at = memory.scrapes, memory.scraped_at
+    memory.scrapes, memory.scraped_at = dict(scrapes), now_s
+    if previous_at is None or now_s <= previous_at:
+        return None
+    worker_pools = {w.name: w.pool for w in workers}
+    metrics = observe.metrics_from_scrapes(
+        previous, scrapes, worker_pools, [p.name for p in pools], now_s - previous_at, spec.slo.percentile,
+    )
+    sample = (now_s - metrics.window_s / 2.0, metrics.arrival_rps)
+    estimate = estimate_demand([*memory.samples, sample][-TREND_SAMPLES:], metrics.window_s, now_s)
+    memory.samples = tuple(estimate.samples)[-TREND_SAMPLES:]
+    observation = build_observation(
+        now_s, pools, desired, workers, (estimate.rate_rps, estimate.trend_rps_per_s), metrics,
+        shortages(workers, now_s, ready_grace_s),
+    )
+    plan, memory.state = decide(observation, memory.state, spec)
+    memory.plan = plan
+    return plan
+
+
+def router_config(
+    pools: Sequence[LocalPool],
+    workers: Sequence[WorkerView],
+    weights: Mapping[str, float] | None,
+    model: str | None = None,
+) -> dict:
+    """`router.yaml` for the ready workers; pools without one are left out (nothing to route to).
+
+    Without a plan yet (`weights` None) every pool weighs 1.
+    """
+    out_pools = []
+    for pool in pools:
+        endpoints = sorted(w.url for w in workers if w.pool == pool.name and w.phase == "ready" and w.url)
+        if not endpoints:
+            continue
+        weight = 1.0 if weights is None else float(weights.get(pool.name, 0.0))
+        out_pools.append({"name": pool.name, "endpoints": endpoints, "weight": round(weight, 6),
+                          "accelerator": "cpu", "pricePerHour": pool.price_per_hour})
+    config: dict = {"version": CONFIG_VERSION, "service": "local"}
+    if model:
+        config["model"] = model
+    config["pools"] = out_pools
+    return config
+
+
+def render_router_config(config: Mapping) -> str:
+    return "# written by `stepfleet up`; re-read by the router when it changes\n" + yaml.safe_dump(
+        dict(config), sort_keys=False)
