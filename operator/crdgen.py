@@ -1,5 +1,7 @@
 """Generate the DiffusionService CRD from the pydantic models (`stepfleet crds [--check]`).
 
+Also writes the CRD reference, `docs/crd-reference.md`, from the same schema (`crddocs`).
+
 Pydantic emits JSON Schema 2020-12; the API server wants a *structural* OpenAPI v3.0 schema:
 no `$ref`, no `anyOf` of types, `nullable` instead of a null type, boolean
 `exclusiveMinimum`, and `x-kubernetes-int-or-string` for quantities. `to_structural` does
@@ -143,17 +145,28 @@ def render() -> str:
 
 
 def main(argv: list[str]) -> int:
-    """`stepfleet crds [--check] [--output PATH]`: also keeps the Helm chart's copy in step."""
+    """`stepfleet crds [--check] [--output PATH] [--docs PATH]`: also keeps the Helm chart's copy
+    and the CRD reference in step."""
+    from stepfleet.operator import crddocs
+
     parser = argparse.ArgumentParser(prog="stepfleet crds", description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, default=DEFAULT_PATH, help="where the CRD YAML goes")
-    parser.add_argument("--check", action="store_true", help="exit 1 if the file is missing or out of date")
+    parser.add_argument(
+        "--docs", type=Path, default=None,
+        help=f"where the Markdown CRD reference goes (default with the default --output: {crddocs.DEFAULT_PATH.name} in docs/)",
+    )
+    parser.add_argument("--check", action="store_true", help="exit 1 if a file is missing or out of date")
     args = parser.parse_args(argv)
     text = render()
-    targets = [args.output]
+    files = {args.output: text}
     if args.output == DEFAULT_PATH:
-        targets.append(CHART_COPY_PATH)  # helm installs CRDs from the chart's own crds/ folder
+        files[CHART_COPY_PATH] = text  # helm installs CRDs from the chart's own crds/ folder
+    docs = args.docs if args.docs is not None else crddocs.DEFAULT_PATH if args.output == DEFAULT_PATH else None
+    if docs is not None:
+        files[docs] = crddocs.render(build_crd())
+    targets = list(files)
     if args.check:
-        stale = [t for t in targets if not t.exists() or t.read_text() != text]
+        stale = [t for t in targets if not t.exists() or t.read_text() != files[t]]
         for t in stale:
             print(f"{t} is out of date; run `stepfleet crds`", file=sys.stderr)
         if not stale:
@@ -161,6 +174,6 @@ def main(argv: list[str]) -> int:
         return 1 if stale else 0
     for target in targets:
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(text)
+        target.write_text(files[target])
         print(f"wrote {target}")
     return 0

@@ -3,15 +3,15 @@
 Dashboards are code, not hand-edited JSON, for the same reason the CRD is generated from the
 models: a panel that queries a metric nobody exports shows "No data" forever and nobody
 notices. Queries here are built from the name constants of each component's metrics module
-(`stepfleet.serving.metrics` for workers, `stepfleet.serving.router.metrics` for the router),
+(`stepfleet.serving.metrics` for workers, `stepfleet.serving.router.metrics` for the router,
+`stepfleet.operator.loop.metrics` for the control loop),
 and a test collects every family those modules register and fails on any `stepfleet_` name a
 panel (or a Prometheus rule) uses that no component exports.
 
-Some panels the fleet overview needs read metrics that are not exported yet: the control
-loop's mode, cost and capacity state, and the template cache's hits and misses. Their names
-are listed in `PENDING` with the component that will export them; the test reports them as
-skipped instead of failing, and checks them as soon as that component's module exists. Until
-then these panels show "No data". The generated JSON lives in `charts/stepfleet/dashboards/`,
+A panel may be written before the metric it reads is exported: its name then goes in
+`PENDING` with the component that will export it, and the test reports it as skipped instead
+of failing until that component's module exports it (none is pending now). The generated JSON
+lives in `charts/stepfleet/dashboards/`,
 where the chart turns each file into a ConfigMap for Grafana's dashboard sidecar.
 """
 
@@ -27,6 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from stepfleet.operator.loop import metrics as loop_metrics
 from stepfleet.serving import metrics as worker
 from stepfleet.serving.router import metrics as router
 
@@ -48,21 +49,16 @@ COMPONENTS: tuple[Component, ...] = (
     Component("control loop", "stepfleet.operator.loop.metrics"),
 )
 
-# Metrics the dashboards and alerts use before their exporter exists (see the module docstring).
-OPERATOR_MODE = "stepfleet_operator_mode"  # gauge {namespace, diffusionservice, mode}: 1 for the current mode
-OPERATOR_COST = "stepfleet_operator_cost_dollars_per_hour"  # gauge {namespace, diffusionservice}
-OPERATOR_REPLICAS = "stepfleet_operator_pool_replicas"  # gauge {namespace, diffusionservice, pool}: desired
-OPERATOR_CAPACITY_SHORT = "stepfleet_operator_pool_capacity_short"  # gauge {..., pool}: 1 while short
+# The control loop's gauges (`stepfleet.operator.loop.metrics`, served by `stepfleet operator`).
+OPERATOR_MODE = loop_metrics.MODE  # gauge {namespace, diffusionservice, mode}: 1 for the current mode
+OPERATOR_COST = loop_metrics.COST  # gauge {namespace, diffusionservice}
+OPERATOR_REPLICAS = loop_metrics.POOL_REPLICAS  # gauge {namespace, diffusionservice, pool}: desired
+OPERATOR_CAPACITY_SHORT = loop_metrics.POOL_CAPACITY_SHORT  # gauge {..., pool}: 1 while short
 CACHE_HITS = "stepfleet_template_cache_hits_total"  # counter {pool}
 CACHE_MISSES = "stepfleet_template_cache_misses_total"  # counter {pool}
 
-#: name -> who will export it (the issue that builds it).
-PENDING: dict[str, str] = {
-    OPERATOR_MODE: "control loop (issue 5)",
-    OPERATOR_COST: "control loop (issue 5)",
-    OPERATOR_REPLICAS: "control loop (issue 5)",
-    OPERATOR_CAPACITY_SHORT: "control loop (issue 5)",
-}
+#: name -> who will export it (the issue that builds it). Empty: every metric used is exported.
+PENDING: dict[str, str] = {}
 
 _METRIC = re.compile(r"(?<![\w:])stepfleet_[A-Za-z0-9_]*(?![\w:])")
 

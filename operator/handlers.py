@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import kopf
+from prometheus_client import CollectorRegistry
 
 from stepfleet.operator import kube, loop, names, reconcile
+from stepfleet.operator.loop.metrics import LoopMetrics
 from stepfleet.operator.models import API_GROUP, API_VERSION, PLURAL
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,9 @@ class OperatorConfig:
     loop_tick_s: float = 1.0
     #: Timeout (seconds) of one HTTP call to Prometheus or a worker's /metrics.
     loop_http_timeout_s: float = 5.0
+    #: The control loop's gauges (`stepfleet operator` passes the ones it serves on /metrics);
+    #: None keeps them on a private registry.
+    loop_metrics: LoopMetrics | None = None
 
 
 def configure(settings: kopf.OperatorSettings, config: OperatorConfig) -> None:
@@ -86,6 +91,7 @@ def register(
             client_box.append(client_factory())
         return client_box[0]
 
+    gauges = config.loop_metrics if config.loop_metrics is not None else LoopMetrics(registry=CollectorRegistry())
     resource = dict(group=API_GROUP, version=API_VERSION, plural=PLURAL)
     common = dict(registry=registry, backoff=config.retry_backoff_s)
 
@@ -115,8 +121,12 @@ def register(
                 raise _temporary(exc, config) from exc
             raise
         _post(client(), outcome.events, logger)
+        meta = body["metadata"]
+        gauges.forget(meta["namespace"], meta["name"])  # kopf stops the loop's timer on deletion
 
-    loop.register(registry, client, tick_s=config.loop_tick_s, http_timeout_s=config.loop_http_timeout_s)
+    loop.register(
+        registry, client, tick_s=config.loop_tick_s, http_timeout_s=config.loop_http_timeout_s, metrics=gauges
+    )
 
     @kopf.on.event("apps", "v1", "deployments", labels={names.LABEL_MANAGED_BY: names.MANAGED_BY}, registry=registry)
     def deployment_changed(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:

@@ -80,6 +80,8 @@ class WorkerMetrics:
                     self.images, self.step_seconds, self.cache_hits, self.cache_misses, self.cache_memory,
                     self.cache_disk, self.cache_load_seconds, self.cache_evictions):
             fam.labels(self.pool)
+        for outcome in ("met", "missed"):  # SLO ratio rules read 0, not "no data", before the first miss
+            self.slo.labels(self.pool, "generation", outcome)
 
     def observe_cache(self, snapshot: dict[str, float]) -> None:
         """Bring the cache families up to a `TemplateCache.snapshot()` (counters advance by the difference)."""

@@ -14,6 +14,8 @@ One run (`run_once`):
      Event on a switch, then patch replicas, router weights and NodePool limits (`act`).
      Status goes first: the Deployment patches wake the reconcile's status refresh, which
      must then read the new mode and weights, not the old ones.
+     The loop's gauges (`metrics.LoopMetrics`: mode, cost, replicas, capacity short) are set
+     from the same plan once it is decided.
 
 Never raises: a failed observation keeps the last plan (nothing is written but a
 `Degraded` condition saying why, and a Warning Event when it starts); a failed write is
@@ -37,6 +39,7 @@ from typing import Any
 
 import httpx
 import kopf
+from prometheus_client import CollectorRegistry
 
 from stepfleet.operator import applying, kube, names
 from stepfleet.operator import conditions as cond
@@ -47,6 +50,7 @@ from stepfleet.operator.reconcile import owner_of
 from stepfleet.operator.validation import validate
 
 from . import act, observe, sources
+from .metrics import LoopMetrics
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +123,16 @@ def run_once(
     *,
     now: dt.datetime,
     stopping: Callable[[], bool] = lambda: False,
+    gauges: LoopMetrics | None = None,
 ) -> Outcome:
-    """One observe-decide-act pass; `stopping()` true (operator exiting) skips the writes."""
+    """One observe-decide-act pass; `stopping()` true (operator exiting) skips the writes.
+
+    `gauges`, when given, get each decision's mode, cost, replicas and short pools.
+    """
     meta = body["metadata"]
     if meta.get("deletionTimestamp"):
+        if gauges is not None:
+            gauges.forget(meta["namespace"], meta["name"])
         return Outcome(note="being deleted")
     spec, _ = validate(meta["name"], body.get("spec"))
     if spec is None:
@@ -168,6 +178,11 @@ def run_once(
     plan, state = decide(observation, memory.state, observe.policy_spec(spec))
     if stopping():
         return Outcome(plan=memory.plan, note="operator stopping: plan not applied")
+    if gauges is not None:
+        gauges.record(
+            owner.namespace, owner.name, mode=plan.mode, cost_per_hour=plan.cost_per_hour,
+            replicas={p.name: plan.replicas[p.name] for p in spec.pools}, short=shortages,
+        )
     new_status = act.decided_status(
         status, spec, plan, state, demand_rps=estimate.rate_rps, shortages=shortages, generation=generation, now=now,
     )
@@ -222,8 +237,14 @@ def register(
     *,
     tick_s: float = 1.0,
     http_timeout_s: float = 5.0,
+    metrics: LoopMetrics | None = None,
 ) -> None:
-    """Register the control-loop timer (and the cleanup of its HTTP client) on `registry`."""
+    """Register the control-loop timer (and the cleanup of its HTTP client) on `registry`.
+
+    `metrics` receives each decision (`stepfleet operator` passes the gauges it serves);
+    without one the loop keeps its gauges on a private, unserved registry.
+    """
+    gauges = metrics if metrics is not None else LoopMetrics(registry=CollectorRegistry())
     http_box: list[httpx.Client] = []
 
     def http() -> httpx.Client:
@@ -242,7 +263,8 @@ def register(
         memory.last_run = started
         try:
             outcome = run_once(
-                client(), http(), body, memory, now=dt.datetime.now(dt.timezone.utc), stopping=lambda: bool(stopped)
+                client(), http(), body, memory, now=dt.datetime.now(dt.timezone.utc), stopping=lambda: bool(stopped),
+                gauges=gauges,
             )
         except Exception:  # noqa: BLE001 - a bug here must not stop the loop or trigger kopf's backoff
             logger.exception("control loop run failed")

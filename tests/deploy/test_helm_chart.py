@@ -94,6 +94,10 @@ def test_operator_deployment_is_one_recreated_replica_with_pod_security(default_
     port = next(p["containerPort"] for p in container["ports"] if p["name"] == "liveness")
     assert liveness == f"--liveness=http://0.0.0.0:{port}/healthz"
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "liveness"}
+    # ...and serves its metrics on the port named `metrics`, which the ServiceMonitor scrapes.
+    metrics = next(a for a in container["args"] if a.startswith("--metrics="))
+    port = next(p["containerPort"] for p in container["ports"] if p["name"] == "metrics")
+    assert metrics == f"--metrics=http://0.0.0.0:{port}/metrics"
     assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
 
 
