@@ -24,6 +24,14 @@ def main(argv: list[str]) -> int:
     rtr = sub.add_parser("router", help="router added latency on loopback; predicted vs round-robin vs least-requests")
     rtr.add_argument("--json", action="store_true", help="print the JSON result on stdout")
     rtr.add_argument("--quick", action="store_true", help="fewer segments and a shorter simulation (< 2 min)")
+    edt = sub.add_parser("edit", help="edits on cached template activations vs full-compute inpainting")
+    edt.add_argument("--json", action="store_true", help="print the JSON result on stdout")
+    edt.add_argument("--quick", action="store_true", help="fewer repeats and live requests")
+    edt.add_argument("--model", default="tiny-sd")
+    edt.add_argument("--size", type=int, default=512)
+    edt.add_argument("--steps", type=int, default=10)
+    edt.add_argument("--max-batch", type=int, default=4)
+    edt.add_argument("--live-requests", type=int, default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -32,6 +40,21 @@ def main(argv: list[str]) -> int:
 
         result = router_bench.run(quick=args.quick)
         print(router_bench.summary(result), file=sys.stderr)
+        if args.json:
+            print(json.dumps(result, indent=2))
+        return 0
+
+    if args.name == "edit":
+        from stepfleet.serving.bench import edit_bench
+
+        ecfg = edit_bench.EditBenchConfig(
+            model=args.model, size=args.size, steps=args.steps, max_batch=args.max_batch,
+            reps=3 if args.quick else 5, cost_reps=2 if args.quick else 3,
+            live_requests=args.live_requests or (6 if args.quick else 16),
+            replay_requests=1000 if args.quick else 2000,
+        )
+        result = edit_bench.run(ecfg, quick=args.quick)
+        print(edit_bench.summary(result), file=sys.stderr)
         if args.json:
             print(json.dumps(result, indent=2))
         return 0
