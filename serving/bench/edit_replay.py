@@ -18,9 +18,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from stepfleet.serving.bench.replay import simulate_step_loop
 from stepfleet.serving.bench.trace import latency_stats
 from stepfleet.serving.costmodel import StepCostModel
-from stepfleet.serving.planner import PlannerConfig, Seq, StepPlanner, apply_plan
+from stepfleet.serving.planner import PlannerConfig, StepPlanner
 
 
 @dataclass(frozen=True)
@@ -124,43 +125,17 @@ def replay_edit_engine(
     cost = StepCostModel()
     for k, s in table.full_step_s.items():
         cost.observe(shape, 2 * k, s)
-    planner = StepPlanner(config, cost)
-    pending = sorted(trace, key=lambda r: r.arrival_s)
     ratio_of = {r.id: (r.ratio if cached else None) for r in trace}
-    arrivals: dict[str, float] = {}
-    finishes: dict[str, float] = {}
-    seqs: dict[str, Seq] = {}
-    now = 0.0
-    i = 0
-    while i < len(pending) or seqs:
-        while i < len(pending) and pending[i].arrival_s <= now:
-            r = pending[i]
-            i += 1
-            now += table.encode_s
-            solo = steps * cost.step_seconds(shape, 2)
-            seqs[r.id] = Seq(id=r.id, shape=shape, rows=1, unet_rows=2, steps_total=steps, arrival=r.arrival_s,
-                             deadline=r.arrival_s + slo_scale * solo)
-            arrivals[r.id] = r.arrival_s
-        plan = planner.plan(seqs.values(), now)
-        if plan.idle:
-            nxt = [pending[i].arrival_s] if i < len(pending) else []
-            if plan.wake_at is not None:
-                nxt.append(plan.wake_at)
-            if not nxt:
-                break
-            now = max(now, min(nxt))
-            continue
-        apply_plan(seqs, plan)
-        now += table.step_s([ratio_of[sid] for sid in plan.batch])
-        for sid in plan.batch:
-            seq = seqs[sid]
-            seq.steps_done += 1
-            if seq.steps_left == 0:
-                now += table.decode_s
-                finishes[sid] = now
-                del seqs[sid]
-    ids = sorted(finishes)
-    return latency_stats([arrivals[k] for k in ids], [finishes[k] for k in ids])
+    return simulate_step_loop(
+        [(r.id, r.arrival_s, steps) for r in trace],
+        StepPlanner(config, cost),
+        encode_s=table.encode_s,
+        decode_s=table.decode_s,
+        step_s=lambda batch: table.step_s([ratio_of[sid] for sid in batch]),
+        shape=shape,
+        unet_rows=2,
+        slo_scale=slo_scale,
+    )
 
 
 # -- image metrics -------------------------------------------------------------------------

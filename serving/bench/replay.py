@@ -11,7 +11,7 @@ step loop. On a CPU they do compete for the same cores; on a GPU the real engine
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from stepfleet.serving.bench.trace import TraceRequest, latency_stats
@@ -66,8 +66,35 @@ def replay_engine(
     cost = StepCostModel()
     for rows, s in table.step_s_by_rows.items():
         cost.observe(shape, rows, s)
-    planner = StepPlanner(config, cost)
-    pending = sorted(trace, key=lambda r: r.arrival_s)
+    return simulate_step_loop(
+        [(r.id, r.arrival_s, r.steps) for r in trace],
+        StepPlanner(config, cost),
+        encode_s=table.encode_s,
+        decode_s=table.decode_s,
+        step_s=lambda batch: cost.step_seconds(shape, len(batch) * guidance_rows),
+        shape=shape,
+        unet_rows=guidance_rows,
+        slo_scale=slo_scale,
+    )
+
+
+def simulate_step_loop(
+    requests: Sequence[tuple[str, float, int]],
+    planner: StepPlanner,
+    encode_s: float,
+    decode_s: float,
+    step_s: Callable[[Sequence[str]], float],
+    shape: tuple[int, int, int],
+    unet_rows: int = 2,
+    slo_scale: float = 4.0,
+) -> dict[str, float]:
+    """The engine's step loop on simulated time: arrivals, one plan per step, retirements.
+
+    `requests` are (id, arrival seconds, steps), one image each; `step_s(batch ids)` says how
+    long one step of that batch takes. Encoding and decoding are charged to the same device,
+    serialised with the steps (conservative; see the module docstring).
+    """
+    pending = sorted(requests, key=lambda r: r[1])
     arrivals: dict[str, float] = {}
     finishes: dict[str, float] = {}
     seqs: dict[str, Seq] = {}
@@ -75,24 +102,24 @@ def replay_engine(
     i = 0
     while i < len(pending) or seqs:
         # Admit every arrival up to now; each costs an encode on the shared device.
-        while i < len(pending) and pending[i].arrival_s <= now:
-            r = pending[i]
+        while i < len(pending) and pending[i][1] <= now:
+            rid, arrival, steps = pending[i]
             i += 1
-            now += table.encode_s
-            solo = r.steps * cost.step_seconds(shape, guidance_rows)
-            seqs[r.id] = Seq(
-                id=r.id,
+            now += encode_s
+            solo = steps * planner.cost.step_seconds(shape, unet_rows)
+            seqs[rid] = Seq(
+                id=rid,
                 shape=shape,
                 rows=1,
-                unet_rows=guidance_rows,
-                steps_total=r.steps,
-                arrival=r.arrival_s,
-                deadline=r.arrival_s + slo_scale * solo,
+                unet_rows=unet_rows,
+                steps_total=steps,
+                arrival=arrival,
+                deadline=arrival + slo_scale * solo,
             )
-            arrivals[r.id] = r.arrival_s
+            arrivals[rid] = arrival
         plan = planner.plan(seqs.values(), now)
         if plan.idle:
-            nxt = [pending[i].arrival_s] if i < len(pending) else []
+            nxt = [pending[i][1]] if i < len(pending) else []
             if plan.wake_at is not None:
                 nxt.append(plan.wake_at)
             if not nxt:
@@ -100,17 +127,16 @@ def replay_engine(
             now = max(now, min(nxt))
             continue
         apply_plan(seqs, plan)
-        rows = sum(seqs[sid].unet_rows for sid in plan.batch)
-        now += cost.step_seconds(shape, rows)
+        now += step_s(plan.batch)
         for sid in plan.batch:
             seq = seqs[sid]
             seq.steps_done += 1
             if seq.steps_left == 0:
-                now += table.decode_s
+                now += decode_s
                 finishes[sid] = now
                 del seqs[sid]
     ids = sorted(finishes)
     return latency_stats([arrivals[k] for k in ids], [finishes[k] for k in ids])
 
 
-__all__ = ["CostTable", "fifo_capacity_rps", "replay_engine", "replay_fifo"]
+__all__ = ["CostTable", "fifo_capacity_rps", "replay_engine", "replay_fifo", "simulate_step_loop"]
