@@ -23,10 +23,8 @@ every side:
 
 from __future__ import annotations
 
-import queue
 import random
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,7 +42,7 @@ from stepfleet.serving.bench.edit_replay import (
     replay_diffusers,
     replay_edit_engine,
 )
-from stepfleet.serving.bench.engine_bench import _drive, _interleaved_min
+from stepfleet.serving.bench.live import drive, interleaved_min, serve_one_at_a_time
 from stepfleet.serving.bench.trace import latency_stats
 
 RATIOS = (0.1, 0.25, 0.5)
@@ -200,7 +198,7 @@ class Bench:
                                "engine_full": lambda: self.runner_edit(masks[0.1], use_cache=False)}
         for ratio, m in masks.items():
             fns[ratio] = lambda m=m: self.runner_edit(m, use_cache=True)
-        best = _interleaved_min(fns, c.reps)
+        best = interleaved_min(fns, c.reps)
         best["engine_full"] = min(best["engine_full"], *full_s)
         for ratio in RATIOS:
             out["speedup"][str(ratio)] = best["diffusers"] / best[ratio]
@@ -236,10 +234,10 @@ class Bench:
                 r.step_index = 0  # the same step again: costs do not depend on which step
             self.runner.step(b)
 
-        step_s = _interleaved_min({key: (lambda b=b: one_step(b)) for key, b in batches.items()}, c.cost_reps)
+        step_s = interleaved_min({key: (lambda b=b: one_step(b)) for key, b in batches.items()}, c.cost_reps)
         one = self.edit_params(box_mask(c.size, 0.25), "cost")
         done = self.runner.prepare(one, c.seed)
-        aux = _interleaved_min({"encode": lambda: self.runner.prepare(one, c.seed),
+        aux = interleaved_min({"encode": lambda: self.runner.prepare(one, c.seed),
                                 "decode": lambda: self.runner.decode(done)}, c.cost_reps)
         return EditCostTable(
             full_step_s={n: step_s[("full", n)] for n in (1, k)},
@@ -252,23 +250,7 @@ class Bench:
         return box_mask(self.cfg.size, r.ratio, random.Random(r.seed))
 
     def live_diffusers(self, trace: Sequence[EditRequest]) -> dict[str, float]:
-        inbox: queue.Queue = queue.Queue()
-        arrivals: list[float] = []
-        finishes: list[float] = []
-
-        def serve() -> None:
-            while (item := inbox.get()) is not None:
-                r, arrived = item
-                self.diffusers_edit(self._trace_mask(r), r.prompt)
-                arrivals.append(arrived)
-                finishes.append(time.monotonic())
-
-        worker = threading.Thread(target=serve, daemon=True)
-        worker.start()
-        _drive(trace, lambda r: inbox.put((r, time.monotonic())))
-        inbox.put(None)
-        worker.join()
-        return latency_stats(arrivals, finishes)
+        return serve_one_at_a_time(trace, lambda r: self.diffusers_edit(self._trace_mask(r), r.prompt))
 
     def live_engine(self, trace: Sequence[EditRequest], use_cache: bool) -> dict[str, Any]:
         from stepfleet.serving.engine import Engine, EngineConfig
@@ -278,7 +260,7 @@ class Bench:
                                                   slo_scale=c.slo_scale))
         engine.start()
         submitted = []
-        _drive(trace, lambda r: submitted.append(
+        drive(trace, lambda r: submitted.append(
             engine.submit(self.edit_params(self._trace_mask(r), r.prompt, use_cache), request_id=r.id, kind="edit")))
         results = [req.future.result(timeout=3600) for req in submitted]
         engine.stop(drain=True)

@@ -17,15 +17,14 @@ continuous run alone and compares final latents.
 
 from __future__ import annotations
 
-import queue
 import statistics
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from stepfleet.serving.bench.live import drive, interleaved_min, serve_one_at_a_time
 from stepfleet.serving.bench.replay import CostTable, fifo_capacity_rps, replay_engine, replay_fifo
 from stepfleet.serving.bench.trace import (
     SCHEDULER_MIX,
@@ -66,21 +65,6 @@ def _params(r: TraceRequest, cfg: BenchConfig) -> GenerationParams:
     )
 
 
-def _interleaved_min(fns: dict[Any, Any], reps: int) -> dict[Any, float]:
-    """Time each callable `reps` times, round-robin, and keep each one's fastest run.
-
-    Round-robin spreads a slow minute over all candidates alike, and the minimum is the
-    figure least disturbed by other processes on a shared 2-core machine.
-    """
-    best = {k: float("inf") for k in fns}
-    for _ in range(reps):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            best[k] = min(best[k], time.perf_counter() - t0)
-    return best
-
-
 def measure_costs(model: Any, runner: Any, cfg: BenchConfig, quick: bool) -> CostTable:
     """The step-cost table the replay uses, measured now on this machine.
 
@@ -105,11 +89,11 @@ def measure_costs(model: Any, runner: Any, cfg: BenchConfig, quick: bool) -> Cos
         ]
         runner.step(batch)  # warm
         batches[k * rows_per_image] = batch
-    step_s = _interleaved_min({rows: (lambda b=b: runner.step(b)) for rows, b in batches.items()}, reps)
+    step_s = interleaved_min({rows: (lambda b=b: runner.step(b)) for rows, b in batches.items()}, reps)
     one = GenerationParams(prompt="cost", width=cfg.size, height=cfg.size, num_inference_steps=10,
                            guidance_scale=cfg.guidance_scale)
     done = runner.prepare(one, 0)
-    aux = _interleaved_min({"encode": lambda: runner.prepare(one, 0), "decode": lambda: runner.decode(done)}, reps)
+    aux = interleaved_min({"encode": lambda: runner.prepare(one, 0), "decode": lambda: runner.decode(done)}, reps)
 
     pipe = model.pipeline
     base = pipe.scheduler
@@ -123,7 +107,7 @@ def measure_costs(model: Any, runner: Any, cfg: BenchConfig, quick: bool) -> Cos
              for steps in (10, 30) for sch in SCHEDULER_MIX}
     try:
         pipeline_call(2, "ddim")
-        fifo = _interleaved_min(calls, 2 if quick else 3)
+        fifo = interleaved_min(calls, 2 if quick else 3)
     finally:
         pipe.scheduler = base
     t10 = statistics.fmean(fifo[(10, sch)] for sch in SCHEDULER_MIX)
@@ -143,26 +127,16 @@ def run_live_fifo(model: Any, trace: Sequence[TraceRequest], cfg: BenchConfig) -
 
     pipe = model.pipeline
     base = pipe.scheduler
-    inbox: queue.Queue[tuple[TraceRequest, float] | None] = queue.Queue()
-    arrivals: list[float] = []
-    finishes: list[float] = []
 
-    def serve() -> None:
-        while (item := inbox.get()) is not None:
-            r, arrived = item
-            pipe.scheduler = make_scheduler(r.scheduler, base.config, type(base))
-            pipe(r.prompt, height=cfg.size, width=cfg.size, num_inference_steps=r.steps,
-                 guidance_scale=cfg.guidance_scale, generator=torch.Generator().manual_seed(r.seed))
-            arrivals.append(arrived)
-            finishes.append(time.monotonic())
+    def handle(r: TraceRequest) -> None:
+        pipe.scheduler = make_scheduler(r.scheduler, base.config, type(base))
+        pipe(r.prompt, height=cfg.size, width=cfg.size, num_inference_steps=r.steps,
+             guidance_scale=cfg.guidance_scale, generator=torch.Generator().manual_seed(r.seed))
 
-    worker = threading.Thread(target=serve, daemon=True)
-    worker.start()
-    _drive(trace, lambda r: inbox.put((r, time.monotonic())))
-    inbox.put(None)
-    worker.join()
-    pipe.scheduler = base
-    return latency_stats(arrivals, finishes)
+    try:
+        return serve_one_at_a_time(trace, handle)
+    finally:
+        pipe.scheduler = base
 
 
 def run_live_engine(
@@ -174,22 +148,12 @@ def run_live_engine(
     # Seed the engine's cost model so its first deadlines are sensible.
     engine.start()
     submitted: list[tuple[TraceRequest, Any]] = []
-    _drive(trace, lambda r: submitted.append((r, engine.submit(_params(r, cfg), request_id=r.id))))
+    drive(trace, lambda r: submitted.append((r, engine.submit(_params(r, cfg), request_id=r.id))))
     results = [(r, req.future.result(timeout=3600)) for r, req in submitted]
     engine.stop(drain=True)
     arrivals = [req.arrival for _, req in submitted]
     finishes = [req.arrival + res.total_s for (_, req), (_, res) in zip(submitted, results, strict=True)]
     return latency_stats(arrivals, finishes), results
-
-
-def _drive(trace: Sequence[TraceRequest], send) -> None:
-    """Call `send(request)` at each request's arrival time (open loop)."""
-    t0 = time.monotonic()
-    for r in sorted(trace, key=lambda r: r.arrival_s):
-        delay = t0 + r.arrival_s - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-        send(r)
 
 
 def solo_vs_mixed(runner: Any, results: Sequence[tuple[TraceRequest, Any]], cfg: BenchConfig) -> float:
