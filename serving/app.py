@@ -81,7 +81,7 @@ class WorkerState:
                 self.own_cache = TemplateCache(s.template_cache_bytes, disk_bytes=s.template_disk_bytes,
                                                disk_dir=s.template_dir)
                 config = EngineConfig(max_batch=s.max_batch, max_queue=s.max_queue, preemption=s.preemption,
-                                      policy=s.policy, slo_scale=s.slo_scale)
+                                      policy=s.policy, slo_scale=s.slo_scale, aux=s.aux)
                 try:
                     runner = ModelRunner(model, template_cache=self.own_cache)
                 except NotImplementedError as exc:  # a UNet variant masked compute does not know
@@ -93,6 +93,9 @@ class WorkerState:
                 w, h = self.default_size
                 self.engine.warmup(GenerationParams(prompt="warm-up", width=w, height=h, num_inference_steps=1,
                                                     guidance_scale=self.settings.default_guidance_scale, seed=0))
+                curve = self.engine.calibrate(w, h, self.settings.default_guidance_scale)
+                log.info("step cost by UNet rows at %dx%d: %s", w, h,
+                         ", ".join(f"{rows}: {sec * 1000:.1f} ms" for rows, sec in sorted(curve.items())))
             self.metrics.ready.labels(self.settings.pool).set(1)
             self.ready.set()
             log.info("worker ready: model %s, pool %s", self.settings.public_model_name(), self.settings.pool)

@@ -24,6 +24,8 @@ def worker_main(argv: list[str]) -> int:
     ap.add_argument("--max-batch", type=int, default=4, help="images per denoising step")
     ap.add_argument("--max-queue", type=int, default=64, help="queued requests before answering 429")
     ap.add_argument("--policy", default="continuous", choices=["continuous", "static"])
+    ap.add_argument("--aux", default="auto", choices=["auto", "inline", "thread"],
+                    help="where prompt encoding and VAE decoding run (auto: between steps on the CPU)")
     ap.add_argument("--no-preemption", dest="preemption", action="store_false")
     ap.add_argument("--max-image-size", type=int, default=1024)
     ap.add_argument("--default-steps", type=int, default=20)

@@ -8,7 +8,9 @@ duration per (shape, rows) and interpolates between the rows it has seen.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+import statistics
+from collections import deque
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 
 
@@ -21,16 +23,38 @@ class StepCostModel:
     #: Weight of a new observation; high enough to follow drift within ~10 steps.
     alpha: float = 0.2
     table: dict[Hashable, dict[int, float]] = field(default_factory=dict)
-    #: Fastest step seen per (shape, rows): what the hardware can do, free of interference
-    #: from other processes, which only ever make a step slower. Batch sizing uses this.
-    best: dict[Hashable, dict[int, float]] = field(default_factory=dict)
+    #: Recent step seconds per (shape, rows), for batch sizing. Their median ignores the odd
+    #: step another process slowed down, and — unlike the fastest run ever seen — does not
+    #: drift lower for the sizes the engine happens to run most, which made a much-used
+    #: small batch look cheaper than a rarely-used big one and pinned batches small.
+    recent: dict[Hashable, dict[int, deque[float]]] = field(default_factory=dict)
+    window: int = 25
+    #: Curves measured on purpose (`calibrate`, at warm-up): taken over the online ones.
+    calibrated: dict[Hashable, dict[int, float]] = field(default_factory=dict)
+    #: Online points with fewer samples than this do not count for batch sizing yet.
+    min_samples: int = 3
 
     def observe(self, shape: Hashable, rows: int, seconds: float) -> None:
         per_rows = self.table.setdefault(shape, {})
         old = per_rows.get(rows)
         per_rows[rows] = seconds if old is None else (1 - self.alpha) * old + self.alpha * seconds
-        fastest = self.best.setdefault(shape, {})
-        fastest[rows] = min(seconds, fastest.get(rows, seconds))
+        self.recent.setdefault(shape, {}).setdefault(rows, deque(maxlen=self.window)).append(seconds)
+
+    def calibrate(self, shape: Hashable, seconds_by_rows: Mapping[int, float]) -> None:
+        """Install a deliberately measured curve (each point timed alike, e.g. interleaved minima)."""
+        self.calibrated[shape] = dict(seconds_by_rows)
+        for rows, seconds in seconds_by_rows.items():
+            self.table.setdefault(shape, {}).setdefault(rows, seconds)
+
+    def reference_curve(self, shape: Hashable) -> dict[int, float]:
+        """Step seconds by rows that batch sizing trusts: the calibrated curve, else recent medians."""
+        if shape in self.calibrated:
+            return self.calibrated[shape]
+        return {
+            rows: statistics.median(samples)
+            for rows, samples in self.recent.get(shape, {}).items()
+            if len(samples) >= self.min_samples
+        }
 
     def step_seconds(self, shape: Hashable, rows: int) -> float:
         """Estimated duration of one step of a batch of `rows` rows of `shape`."""
@@ -79,7 +103,7 @@ class StepCostModel:
         less than `min_gain`, a bigger batch only slows everyone in it for no throughput.
         Unmeasured sizes are never ruled out, so the engine keeps exploring them.
         """
-        per_rows = self.best.get(shape)
+        per_rows = self.reference_curve(shape)
         if not per_rows:
             return None
         known = sorted(per_rows)

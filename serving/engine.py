@@ -5,7 +5,8 @@ Each turn: take in requests that became ready, drop cancelled ones, ask the pure
 finished requests. Requests therefore join and leave the running batch at step boundaries.
 
 Prompt encoding and VAE decoding run on a separate auxiliary thread so they never stall
-the batch; callers get a `concurrent.futures.Future` they can await from asyncio. A failure
+the batch on accelerators, and inline between steps on the CPU, where a second torch
+thread slows every step (see `serving.auxwork`); callers get a `concurrent.futures.Future` they can await from asyncio. A failure
 in one request (bad tensor, scheduler error) fails that request only; the loop goes on.
 """
 
@@ -18,10 +19,11 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from stepfleet.serving.auxwork import AuxWork, resolve_aux_mode
 from stepfleet.serving.costmodel import StepCostModel
 from stepfleet.serving.params import GenerationParams
 from stepfleet.serving.planner import Phase, PlannerConfig, Seq, StepPlanner, apply_plan
@@ -75,6 +77,9 @@ class EngineConfig:
     #: it orders waiting work shortest-first while still ageing long requests in.
     slo_scale: float = 4.0
     idle_poll_s: float = 0.05
+    #: Where prompt encoding and VAE decoding run: "thread", "inline" (between steps, on the
+    #: loop thread) or "auto" (inline when the runner's device is the CPU).
+    aux: str = "auto"
 
 
 @dataclass
@@ -151,7 +156,8 @@ class Engine:
         self._preparing: dict[str, EngineRequest] = {}
         self._live: dict[str, EngineRequest] = {}  # ready: waiting, running or paused
         self._ids = itertools.count()
-        self._aux = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stepfleet-aux")
+        self._aux = AuxWork(resolve_aux_mode(self.config.aux, getattr(runner, "device_type", None)), self._wake)
+        self._calls: list[tuple[Callable[[], Any], Future]] = []  # run on the loop thread
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._accepting = True
@@ -185,7 +191,11 @@ class Engine:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=max(1.0, deadline - time.monotonic()))
-        self._aux.shutdown(wait=True, cancel_futures=False)
+        self._aux.shutdown()
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
 
     # -- client side ---------------------------------------------------------------
     def submit(
@@ -204,6 +214,34 @@ class Engine:
             self._preparing[req.id] = req
         self._aux.submit(self._prepare, req)
         return req
+
+    def call_on_loop(self, fn: Callable[[], Any]) -> Future:
+        """Run `fn` on the step loop's thread at the next step boundary (torch work belongs there)."""
+        fut: Future = Future()
+        with self._cond:
+            if self._thread is None or self._stopping:
+                raise RuntimeError("the engine's loop is not running")
+            self._calls.append((fn, fut))
+            self._cond.notify_all()
+        return fut
+
+    def calibrate(self, width: int, height: int, guidance_scale: float, reps: int = 3,
+                  timeout: float = 600.0) -> dict[int, float]:
+        """Time the step-cost curve for this size (1..max_batch images) and size batches by it.
+
+        The worker calls this after warm-up: online samples of batch sizes the engine rarely
+        runs are too few to compare fairly (see `costmodel.StepCostModel.recent`).
+        """
+        from stepfleet.serving.calibration import step_curve
+
+        shape = self.runner.latent_shape(width, height)
+
+        def measure() -> dict[int, float]:
+            curve = step_curve(self.runner, width, height, guidance_scale, self.config.max_batch, reps)
+            self.cost.calibrate(shape, curve)
+            return curve
+
+        return self.call_on_loop(measure).result(timeout=timeout)
 
     def cancel(self, request_id: str) -> bool:
         """Mark a request cancelled; its batch slot frees at the next step boundary."""
@@ -328,8 +366,19 @@ class Engine:
             req.future.set_result(result)
 
     # -- step loop ---------------------------------------------------------------------
+    def _run_calls(self) -> None:
+        with self._cond:
+            calls, self._calls = self._calls, []
+        for fn, fut in calls:
+            try:
+                fut.set_result(fn())
+            except Exception as exc:  # the caller gets it; the loop goes on
+                fut.set_exception(exc)
+
     def _loop(self) -> None:
         while True:
+            self._aux.run_pending()  # inline mode: encode new requests, decode finished ones
+            self._run_calls()
             with self._cond:
                 if self._stopping:
                     break
@@ -340,6 +389,8 @@ class Engine:
                 seqs = {r.id: r.seq for r in self._live.values() if r.seq is not None}
                 plan = self.planner.plan(seqs.values(), self.clock())
                 if plan.idle:
+                    if self._aux.pending() or self._calls:
+                        continue
                     timeout = self.config.idle_poll_s
                     if plan.wake_at is not None:
                         timeout = min(timeout, max(0.0, plan.wake_at - self.clock()))
@@ -353,6 +404,11 @@ class Engine:
                 self.observer.on_preempt(len(plan.paused))
                 log.debug("plan: %s", "; ".join(plan.reasons))
             self._run_step(batch, plan.shape, depth)
+        self._aux.run_pending()  # decodes queued by the last steps
+        with self._cond:
+            calls, self._calls = self._calls, []
+        for _, fut in calls:
+            fut.set_exception(ShuttingDown("the engine stopped"))
 
     def _run_step(self, batch: list[EngineRequest], shape: Any, depth: int) -> None:
         now = self.clock()

@@ -18,8 +18,8 @@ latents outside the mask are exactly the template's at every step, the cached ac
 there are the ones full compute would produce up to the convolutions' reach into the mask.
 Any other edit, or one whose template steps were evicted, runs in full (`edit_path`).
 
-Threading: `prepare` and `decode` run on the engine's auxiliary thread, `step` on the step
-loop thread; they touch disjoint requests, and the modules are read-only at inference.
+Threading: `prepare` and `decode` run on the engine's auxiliary thread (or, on the CPU, on
+the step loop between steps; see `serving.auxwork`), `step` on the step loop thread; they touch disjoint requests, and the modules are read-only at inference.
 """
 
 from __future__ import annotations
@@ -93,6 +93,11 @@ class ModelRunner:
             raise NotImplementedError("UNets with time_cond_proj_dim (LCM-distilled) are not supported yet")
         if template_cache is not None:
             self.enable_edits(template_cache)
+
+    @property
+    def device_type(self) -> str:
+        """`cpu`, `cuda`, `xla`…: the engine runs auxiliary work inline on the CPU."""
+        return self.model.device.type
 
     # -- edits ---------------------------------------------------------------------------
     def enable_edits(self, cache: Any) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from stepfleet.serving.backends import BACKENDS
@@ -25,6 +27,8 @@ class WorkerSettings(BaseModel):
     preemption: bool = True
     policy: str = "continuous"
     slo_scale: float = Field(default=4.0, gt=0)
+    #: Where prompt encoding and VAE decoding run; see `serving.auxwork`.
+    aux: Literal["auto", "inline", "thread"] = "auto"
     max_image_size: int = Field(default=1024, ge=64)
     max_images: int = Field(default=8, ge=1)
     max_steps: int = Field(default=200, ge=1, le=1000)

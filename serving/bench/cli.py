@@ -21,6 +21,8 @@ def main(argv: list[str]) -> int:
     eng.add_argument("--max-batch", type=int, default=4)
     eng.add_argument("--live-requests", type=int, default=None)
     eng.add_argument("--seed", type=int, default=7)
+    eng.add_argument("--live-loads", default=None,
+                     help="comma-separated loads to also run live (default 0.7,0.9,1.1; --quick: 0.9)")
     rtr = sub.add_parser("router", help="router added latency on loopback; predicted vs round-robin vs least-requests")
     rtr.add_argument("--json", action="store_true", help="print the JSON result on stdout")
     rtr.add_argument("--quick", action="store_true", help="fewer segments and a shorter simulation (< 2 min)")
@@ -65,7 +67,8 @@ def main(argv: list[str]) -> int:
         model=args.model, device=args.device, dtype=args.dtype, size=args.size, max_batch=args.max_batch,
         seed=args.seed,
         live_requests=args.live_requests or (12 if args.quick else 40),
-        live_loads=(0.9,) if args.quick else (0.7, 0.9, 1.1),
+        live_loads=(tuple(float(x) for x in args.live_loads.split(",")) if args.live_loads
+                    else (0.9,) if args.quick else (0.7, 0.9, 1.1)),
         replay_requests=1000 if args.quick else 2000,
     )
     result = run(cfg, quick=args.quick)

@@ -42,8 +42,9 @@ from stepfleet.serving.bench.edit_replay import (
     replay_diffusers,
     replay_edit_engine,
 )
-from stepfleet.serving.bench.live import drive, interleaved_min, serve_one_at_a_time
+from stepfleet.serving.bench.live import drive, isolated, serve_one_at_a_time
 from stepfleet.serving.bench.trace import latency_stats
+from stepfleet.serving.calibration import interleaved_min
 
 RATIOS = (0.1, 0.25, 0.5)
 TEMPLATE_ID = "bench-template"
@@ -252,12 +253,15 @@ class Bench:
     def live_diffusers(self, trace: Sequence[EditRequest]) -> dict[str, float]:
         return serve_one_at_a_time(trace, lambda r: self.diffusers_edit(self._trace_mask(r), r.prompt))
 
-    def live_engine(self, trace: Sequence[EditRequest], use_cache: bool) -> dict[str, Any]:
+    def live_engine(self, trace: Sequence[EditRequest], use_cache: bool, table: EditCostTable) -> dict[str, Any]:
+        from stepfleet.serving.costmodel import StepCostModel
         from stepfleet.serving.engine import Engine, EngineConfig
 
         c = self.cfg
+        cost = StepCostModel()  # calibrated with this run's table, as a warmed-up worker's is
+        cost.calibrate(self.runner.latent_shape(c.size, c.size), {2 * k: s for k, s in table.full_step_s.items()})
         engine = Engine(self.runner, EngineConfig(max_batch=c.max_batch, max_queue=10_000, policy="continuous",
-                                                  slo_scale=c.slo_scale))
+                                                  slo_scale=c.slo_scale), cost=cost)
         engine.start()
         submitted = []
         drive(trace, lambda r: submitted.append(
@@ -272,26 +276,34 @@ class Bench:
         return stats
 
 
+def _per_request_and_costs(b: Bench, cfg: EditBenchConfig, quick: bool, log):
+    """The offline phases: record the template, time single requests, exactness, step costs."""
+    log(f"edit benchmark: {cfg.model} {cfg.size}x{cfg.size}, {cfg.steps} steps {cfg.scheduler}, "
+        f"guidance {cfg.guidance_scale}, {torch.get_num_threads()} threads")
+    rec_s = b.register_template()
+    log(f"template recorded in {rec_s:.1f}s ({b.cache.bytes_memory / 2**20:.0f} MiB cached); per-request ...")
+    out: dict[str, Any] = {"benchmark": "edit", "model": cfg.model, "size": f"{cfg.size}x{cfg.size}",
+                           "latent": f"{cfg.size // 8}x{cfg.size // 8}", "steps": cfg.steps,
+                           "scheduler": cfg.scheduler, "guidance_scale": cfg.guidance_scale,
+                           "threads": torch.get_num_threads(), "quick": quick,
+                           "template_record_s": rec_s, "template_cache_bytes": b.cache.bytes_memory}
+    out.update(b.per_request())
+    log("  speedup " + ", ".join(f"{k}: {v:.2f}x" for k, v in out["speedup"].items()))
+    out["full_mask_max_rel_diff"] = b.full_mask_rel_diff()
+    log(f"  full-mask max rel diff {out['full_mask_max_rel_diff']:.2e}; measuring step costs ...")
+    table = b.measure_costs(out["request_s"]["diffusers"])
+    return out, table
+
+
 def run(cfg: EditBenchConfig, quick: bool, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict[str, Any]:
     from stepfleet.serving.planner import PlannerConfig
 
     t_start = time.monotonic()
-    b = Bench(cfg, log)
+    # Torch phases run on threads that end with them (see `bench.live.isolated`), so the live
+    # engine's loop thread is the process's only OpenMP pool while it runs.
+    b = isolated(lambda: Bench(cfg, log))
     try:
-        log(f"edit benchmark: {cfg.model} {cfg.size}x{cfg.size}, {cfg.steps} steps {cfg.scheduler}, "
-            f"guidance {cfg.guidance_scale}, {torch.get_num_threads()} threads")
-        rec_s = b.register_template()
-        log(f"template recorded in {rec_s:.1f}s ({b.cache.bytes_memory / 2**20:.0f} MiB cached); per-request ...")
-        out: dict[str, Any] = {"benchmark": "edit", "model": cfg.model, "size": f"{cfg.size}x{cfg.size}",
-                               "latent": f"{cfg.size // 8}x{cfg.size // 8}", "steps": cfg.steps,
-                               "scheduler": cfg.scheduler, "guidance_scale": cfg.guidance_scale,
-                               "threads": torch.get_num_threads(), "quick": quick,
-                               "template_record_s": rec_s, "template_cache_bytes": b.cache.bytes_memory}
-        out.update(b.per_request())
-        log("  speedup " + ", ".join(f"{k}: {v:.2f}x" for k, v in out["speedup"].items()))
-        out["full_mask_max_rel_diff"] = b.full_mask_rel_diff()
-        log(f"  full-mask max rel diff {out['full_mask_max_rel_diff']:.2e}; measuring step costs ...")
-        table = b.measure_costs(out["request_s"]["diffusers"])
+        out, table = isolated(lambda: _per_request_and_costs(b, cfg, quick, log))
         cap = 1.0 / table.diffusers_s
         rate = cfg.load * cap
         shape = b.runner.latent_shape(cfg.size, cfg.size)
@@ -307,9 +319,9 @@ def run(cfg: EditBenchConfig, quick: bool, log=lambda msg: print(msg, file=sys.s
         log(f"diffusers capacity {cap:.4f} req/s; live trace of {len(trace)} edits at {rate:.4f} req/s: diffusers ...")
         live["diffusers"] = b.live_diffusers(trace)
         log("  engine without cache ...")
-        live["engine_uncached"] = b.live_engine(trace, use_cache=False)
+        live["engine_uncached"] = b.live_engine(trace, use_cache=False, table=table)
         log("  engine with cache ...")
-        live["engine_cached"] = b.live_engine(trace, use_cache=True)
+        live["engine_cached"] = b.live_engine(trace, use_cache=True, table=table)
         out["cost_table"] = table.as_dict()
         out["serving"] = {
             "load": cfg.load,

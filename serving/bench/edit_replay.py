@@ -123,8 +123,7 @@ def replay_edit_engine(
 ) -> dict[str, float]:
     """The engine's step loop (the same `StepPlanner`) on simulated time; encode/decode serialised with steps."""
     cost = StepCostModel()
-    for k, s in table.full_step_s.items():
-        cost.observe(shape, 2 * k, s)
+    cost.calibrate(shape, {2 * k: s for k, s in table.full_step_s.items()})
     ratio_of = {r.id: (r.ratio if cached else None) for r in trace}
     return simulate_step_loop(
         [(r.id, r.arrival_s, steps) for r in trace],

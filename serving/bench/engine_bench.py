@@ -22,9 +22,10 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
-from stepfleet.serving.bench.live import drive, interleaved_min, serve_one_at_a_time
+from stepfleet.serving.bench.live import drive, isolated, serve_one_at_a_time
 from stepfleet.serving.bench.replay import CostTable, fifo_capacity_rps, replay_engine, replay_fifo
 from stepfleet.serving.bench.trace import (
     SCHEDULER_MIX,
@@ -33,6 +34,7 @@ from stepfleet.serving.bench.trace import (
     latency_stats,
     poisson_trace,
 )
+from stepfleet.serving.calibration import interleaved_min, step_curve
 from stepfleet.serving.engine import Engine, EngineConfig
 from stepfleet.serving.params import GenerationParams
 from stepfleet.serving.planner import PlannerConfig
@@ -68,9 +70,9 @@ def _params(r: TraceRequest, cfg: BenchConfig) -> GenerationParams:
 def measure_costs(model: Any, runner: Any, cfg: BenchConfig, quick: bool) -> CostTable:
     """The step-cost table the replay uses, measured now on this machine.
 
-    Batches are measured as the live engine runs them: k requests of one image each, their
-    schedulers cycling through the trace's mix (per-request scheduler work is part of a
-    step's cost). The pipeline is timed at 10 and 30 steps over the same scheduler mix.
+    Batches are measured as the live engine runs them (`calibration.step_curve`: k requests
+    of one image each, schedulers cycling through the trace's mix). The pipeline is timed
+    at 10 and 30 steps over the same scheduler mix.
     """
     import torch
 
@@ -78,18 +80,7 @@ def measure_costs(model: Any, runner: Any, cfg: BenchConfig, quick: bool) -> Cos
 
     reps = 3 if quick else 6
     rows_per_image = 2 if cfg.guidance_scale > 1 else 1
-    batches: dict[int, list[Any]] = {}
-    for k in range(1, cfg.max_batch + 1):
-        batch = [
-            runner.prepare(
-                GenerationParams(prompt=f"cost {i}", width=cfg.size, height=cfg.size, num_inference_steps=100,
-                                 scheduler=SCHEDULER_MIX[i % len(SCHEDULER_MIX)], guidance_scale=cfg.guidance_scale),
-                seed=i)
-            for i in range(k)
-        ]
-        runner.step(batch)  # warm
-        batches[k * rows_per_image] = batch
-    step_s = interleaved_min({rows: (lambda b=b: runner.step(b)) for rows, b in batches.items()}, reps)
+    step_s = step_curve(runner, cfg.size, cfg.size, cfg.guidance_scale, cfg.max_batch, reps, SCHEDULER_MIX)
     one = GenerationParams(prompt="cost", width=cfg.size, height=cfg.size, num_inference_steps=10,
                            guidance_scale=cfg.guidance_scale)
     done = runner.prepare(one, 0)
@@ -140,12 +131,14 @@ def run_live_fifo(model: Any, trace: Sequence[TraceRequest], cfg: BenchConfig) -
 
 
 def run_live_engine(
-    runner: Any, trace: Sequence[TraceRequest], cfg: BenchConfig, policy: str, keep_latents: bool = False
+    runner: Any, trace: Sequence[TraceRequest], cfg: BenchConfig, policy: str, table: CostTable,
+    keep_latents: bool = False,
 ) -> tuple[dict[str, float], list[tuple[TraceRequest, Any]]]:
+    # Calibrated with this run's table, as a worker calibrates itself after warm-up.
     engine = Engine(runner, EngineConfig(max_batch=cfg.max_batch, max_queue=10_000, policy=policy,
-                                         static_wait_s=cfg.static_wait_s, slo_scale=cfg.slo_scale))
+                                         static_wait_s=cfg.static_wait_s, slo_scale=cfg.slo_scale),
+                    cost=table.cost_model(runner.latent_shape(cfg.size, cfg.size)))
     engine.keep_latents = keep_latents
-    # Seed the engine's cost model so its first deadlines are sensible.
     engine.start()
     submitted: list[tuple[TraceRequest, Any]] = []
     drive(trace, lambda r: submitted.append((r, engine.submit(_params(r, cfg), request_id=r.id))))
@@ -173,10 +166,16 @@ def run(cfg: BenchConfig, quick: bool, log=lambda msg: print(msg, file=sys.stder
     from stepfleet.serving.runner import ModelRunner
 
     t_start = time.monotonic()
-    model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
-    runner = ModelRunner(model)
-    log(f"measuring step costs on {model.backend.name} ({model.backend.dtype}) ...")
-    table = measure_costs(model, runner, cfg, quick)
+
+    def load_and_measure() -> tuple[Any, Any, CostTable]:
+        model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+        runner = ModelRunner(model)
+        log(f"measuring step costs on {model.backend.name} ({model.backend.dtype}) ...")
+        return model, runner, measure_costs(model, runner, cfg, quick)
+
+    # Torch phases run on threads that end with them (see `isolated`); the live engines'
+    # loop threads and the fifo server thread are likewise the only torch thread while they run.
+    model, runner, table = isolated(load_and_measure)
     cap = fifo_capacity_rps(table, STEP_MIX)
     log(f"fifo capacity {cap:.3f} req/s; step seconds by UNet rows: "
         + ", ".join(f"{k}: {v * 1000:.1f}ms" for k, v in sorted(table.step_s_by_rows.items())))
@@ -200,12 +199,13 @@ def run(cfg: BenchConfig, quick: bool, log=lambda msg: print(msg, file=sys.stder
             log(f"load {load}: live fifo ({len(trace)} requests) ...")
             live["fifo"] = run_live_fifo(model, trace, cfg)
             log(f"load {load}: live static ...")
-            live["static"], _ = run_live_engine(runner, trace, cfg, "static")
+            live["static"], _ = run_live_engine(runner, trace, cfg, "static", table)
             log(f"load {load}: live continuous ...")
-            live["continuous"], results = run_live_engine(runner, trace, cfg, "continuous", keep_latents=True)
+            live["continuous"], results = run_live_engine(runner, trace, cfg, "continuous", table,
+                                                            keep_latents=True)
             entry["live"] = live
             if solo_diff is None:
-                solo_diff = solo_vs_mixed(runner, results, cfg)
+                solo_diff = isolated(partial(solo_vs_mixed, runner, results, cfg))
         loads_out.append(entry)
     saturated = poisson_trace(3.0 * cap, cfg.replay_requests, seed=cfg.seed)
 

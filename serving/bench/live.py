@@ -9,9 +9,36 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from stepfleet.serving.bench.trace import latency_stats
+
+T = TypeVar("T")
+
+
+def isolated(fn: Callable[[], T]) -> T:
+    """Run `fn` on a new thread, wait, and return its result (or raise its exception).
+
+    Why: each thread that runs torch code on a CPU keeps its own OpenMP pool until it
+    exits, and two pools on a small machine slow every later step by about 1.5x (see
+    `serving.auxwork`). Running each torch phase of a benchmark on a thread that ends with
+    the phase keeps the main thread pool-free, so the live phases (the fifo server thread,
+    the engine's loop thread) run under the same conditions the cost table was measured in.
+    """
+    box: dict[str, Any] = {}
+
+    def body() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # handed to the caller
+            box["error"] = exc
+
+    t = threading.Thread(target=body, name="bench-phase")
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 class Arrival(Protocol):
@@ -47,18 +74,3 @@ def serve_one_at_a_time(trace: Sequence[Arrival], handle: Callable[[Any], None])
     inbox.put(None)
     worker.join()
     return latency_stats(arrivals, finishes)
-
-
-def interleaved_min(fns: dict[Any, Callable[[], Any]], reps: int) -> dict[Any, float]:
-    """Time each callable `reps` times, round-robin, and keep each one's fastest run.
-
-    Round-robin spreads a slow minute over all candidates alike, and the minimum is the
-    figure least disturbed by other processes on a shared 2-core machine.
-    """
-    best = {k: float("inf") for k in fns}
-    for _ in range(reps):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            best[k] = min(best[k], time.perf_counter() - t0)
-    return best

@@ -31,10 +31,13 @@ class CostTable:
     fifo_overhead_s: float  # encode + decode + pipeline set-up, per request
 
     def step_s(self, unet_rows: int) -> float:
+        return self.cost_model("x").step_seconds("x", unet_rows)
+
+    def cost_model(self, shape: tuple[int, int, int] | str) -> StepCostModel:
+        """An engine cost model calibrated with this table, as a warmed-up worker's would be."""
         model = StepCostModel()
-        for rows, s in self.step_s_by_rows.items():
-            model.observe("x", rows, s)
-        return model.step_seconds("x", unet_rows)
+        model.calibrate(shape, self.step_s_by_rows)
+        return model
 
     def fifo_service_s(self, steps: int) -> float:
         return self.fifo_overhead_s + steps * self.fifo_step_s
@@ -63,9 +66,7 @@ def replay_engine(
     shape: tuple[int, int, int] = (4, 32, 32),
 ) -> dict[str, float]:
     """Simulate the step loop under `config` (continuous or static) on the measured costs."""
-    cost = StepCostModel()
-    for rows, s in table.step_s_by_rows.items():
-        cost.observe(shape, rows, s)
+    cost = table.cost_model(shape)
     return simulate_step_loop(
         [(r.id, r.arrival_s, r.steps) for r in trace],
         StepPlanner(config, cost),

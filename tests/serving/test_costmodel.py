@@ -29,11 +29,45 @@ def test_smoothing_follows_drift():
     assert m.step_seconds(S, 2) == pytest.approx(0.15)
 
 
-def test_efficient_rows_uses_fastest_runs_so_interference_cannot_shrink_batches():
+def _observe(m, rows, seconds, times=5):
+    for _ in range(times):
+        m.observe(S, rows, seconds)
+
+
+def test_efficient_rows_ignores_steps_that_interference_slowed():
     m = StepCostModel()
     for rows, s in ((2, 0.10), (4, 0.12), (6, 0.18)):  # batching pays up to 4 rows only
-        m.observe(S, rows, s)
+        _observe(m, rows, s)
     assert m.efficient_rows(S, 0.05) == 4
-    m.observe(S, 4, 0.50)  # a neighbour process slowed one step down
+    _observe(m, 4, 0.50, times=2)  # a neighbour process slowed two steps down
     assert m.efficient_rows(S, 0.05) == 4
     assert m.efficient_rows((4, 8, 8), 0.05) is None  # nothing measured: no cap
+
+
+def test_a_much_used_batch_size_does_not_look_cheaper_for_its_lucky_runs():
+    # Running 2 rows hundreds of times turns up a rare fast step; compared with the few
+    # runs of 4 rows, the fastest-ever figure would say batching does not pay and pin
+    # the batch at 2 rows forever. The median of recent steps does not drift that way.
+    m = StepCostModel()
+    for i in range(300):
+        m.observe(S, 2, 0.040 if i == 150 else 0.066)
+    _observe(m, 4, 0.105, times=4)
+    assert m.efficient_rows(S, 0.05) is None  # 4 rows: 26 ms per row against 33 ms
+
+
+def test_too_few_samples_do_not_cap_the_batch():
+    m = StepCostModel()
+    _observe(m, 2, 0.05)
+    m.observe(S, 4, 0.30)  # one slow first run of a new size
+    assert m.efficient_rows(S, 0.05) is None
+
+
+def test_a_calibrated_curve_decides_batch_sizes_and_seeds_estimates():
+    m = StepCostModel()
+    _observe(m, 2, 0.05)
+    _observe(m, 4, 0.20)  # online: batching looks useless
+    m.calibrate(S, {2: 0.057, 4: 0.093, 6: 0.140, 8: 0.168})
+    assert m.efficient_rows(S, 0.05) == 4  # 6 rows: 23.3 ms per row, no better than 4
+    fresh = StepCostModel()
+    fresh.calibrate(S, {2: 0.057, 4: 0.093})
+    assert fresh.step_seconds(S, 4) == pytest.approx(0.093)

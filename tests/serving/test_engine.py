@@ -1,5 +1,6 @@
 """The live engine: step-boundary joins, cancellation, isolation of failures, overload, shutdown."""
 
+import threading
 import time
 from concurrent.futures import wait
 
@@ -19,9 +20,9 @@ def fake():
     return FakeRunner()
 
 
-@pytest.fixture
-def engine(fake):
-    e = Engine(fake, EngineConfig(max_batch=2, max_queue=8)).start()
+@pytest.fixture(params=["thread", "inline"])
+def engine(fake, request):
+    e = Engine(fake, EngineConfig(max_batch=2, max_queue=8, aux=request.param)).start()
     yield e
     e.stop(drain=False, timeout=5)
 
@@ -144,3 +145,83 @@ def test_load_reports_outstanding_work(fake):
     finally:
         fake.gate.set()
         e.stop(drain=True, timeout=10)
+
+
+class ThreadRecordingRunner(FakeRunner):
+    """Notes which thread ran each kind of call."""
+
+    def __init__(self, device_type=None):
+        super().__init__()
+        if device_type is not None:
+            self.device_type = device_type
+        self.threads = {"prepare": set(), "step": set(), "decode": set()}
+
+    def prepare(self, params, seed):
+        self.threads["prepare"].add(threading.get_ident())
+        return super().prepare(params, seed)
+
+    def step(self, batch):
+        self.threads["step"].add(threading.get_ident())
+        super().step(batch)
+
+    def decode(self, tensors):
+        self.threads["decode"].add(threading.get_ident())
+        return super().decode(tensors)
+
+
+@pytest.mark.parametrize(
+    ("device_type", "aux", "one_thread"),
+    [("cpu", "auto", True), ("cuda", "auto", False), (None, "auto", False), ("cuda", "inline", True),
+     ("cpu", "thread", False)],
+)
+def test_aux_work_runs_on_the_loop_thread_on_cpu_and_beside_it_elsewhere(device_type, aux, one_thread):
+    # On a CPU a second torch thread slows every step (libgomp stops spinning once two
+    # OpenMP pools exist), so encode/decode must share the loop's thread there.
+    runner = ThreadRecordingRunner(device_type)
+    e = Engine(runner, EngineConfig(max_batch=2, aux=aux)).start()
+    try:
+        results = [r.future.result(timeout=10) for r in [e.submit(gp(f"t{i}", steps=3)) for i in range(4)]]
+    finally:
+        e.stop(drain=True, timeout=5)
+    assert [labels(r) for r in results] == [[f"t{i}#0"] for i in range(4)]
+    used = runner.threads
+    assert used["step"] == {e._thread.ident}
+    assert (used["prepare"] | used["decode"] == used["step"]) is one_thread
+    assert len(used["prepare"] | used["decode"]) == 1
+
+
+def test_unknown_aux_mode_is_rejected():
+    with pytest.raises(ValueError, match="aux mode"):
+        Engine(FakeRunner(), EngineConfig(aux="sometimes"))
+
+
+def test_calibration_times_each_batch_size_on_the_loop_thread_and_sizes_batches():
+    runner = ThreadRecordingRunner("cpu")
+    e = Engine(runner, EngineConfig(max_batch=3)).start()
+    try:
+        curve = e.calibrate(256, 256, guidance_scale=7.5, reps=2)
+        assert sorted(curve) == [2, 4, 6]  # UNet rows: guidance doubles each image
+        assert all(sec >= runner.step_s for sec in curve.values())
+        assert e.cost.calibrated[runner.latent_shape(256, 256)] == curve
+        assert runner.threads["step"] == {e._thread.ident}
+        # Requests still run normally afterwards.
+        assert labels(e.generate(gp("after"), timeout=10)) == ["after#0"]
+    finally:
+        e.stop(drain=True, timeout=5)
+
+
+def test_a_failing_loop_call_reports_to_its_caller_and_the_loop_goes_on(engine):
+    def broken():
+        raise RuntimeError("calibration exploded")
+
+    with pytest.raises(RuntimeError, match="exploded"):
+        engine.call_on_loop(broken).result(timeout=5)
+    assert engine.call_on_loop(lambda: threading.get_ident()).result(timeout=5) == engine._thread.ident
+    assert labels(engine.generate(gp("still fine"), timeout=10)) == ["still fine#0"]
+
+
+def test_loop_calls_are_refused_once_stopped(fake):
+    e = Engine(fake, EngineConfig()).start()
+    e.stop(drain=True, timeout=5)
+    with pytest.raises(RuntimeError, match="not running"):
+        e.call_on_loop(lambda: None)

@@ -156,7 +156,8 @@ def test_static_runs_partial_batch_after_timeout():
 def test_batch_held_where_measured_batching_stops_paying():
     cost = StepCostModel()
     for rows, seconds in ((1, 0.10), (2, 0.12), (3, 0.18), (4, 0.24)):  # gain stops after 2 rows
-        cost.observe(SHAPE, rows, seconds)
+        for _ in range(cost.min_samples):
+            cost.observe(SHAPE, rows, seconds)
     p = StepPlanner(PlannerConfig(max_batch=4, min_batch_gain=0.05), cost)
     plan = p.plan([seq(s, i) for i, s in enumerate("abcd")], now=5)
     assert plan.batch == ("a", "b")

@@ -1,0 +1,65 @@
+"""Timing the step-cost curve on purpose: how a step's duration grows with the batch.
+
+Why measure instead of only learning online: the engine sizes batches by comparing
+per-row costs of different batch sizes, and online samples of sizes it rarely runs are
+few and stale. A curve timed deliberately — every size the same number of times,
+round-robin, keeping each one's fastest run — compares like with like. The worker does
+this once after its warm-up request; the benchmarks use the same routine for their cost
+tables.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
+from stepfleet.serving.params import GenerationParams
+
+
+def interleaved_min(fns: dict[Any, Callable[[], Any]], reps: int) -> dict[Any, float]:
+    """Time each callable `reps` times, round-robin, and keep each one's fastest run.
+
+    Round-robin spreads a slow minute over all candidates alike, and the minimum is the
+    figure least disturbed by other processes on a shared machine.
+    """
+    best = {k: float("inf") for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[k] = min(best[k], time.perf_counter() - t0)
+    return best
+
+
+def step_curve(
+    runner: Any,
+    width: int,
+    height: int,
+    guidance_scale: float,
+    max_images: int,
+    reps: int = 3,
+    schedulers: Sequence[str] = ("ddim",),
+) -> dict[int, float]:
+    """Seconds of one denoising step by UNet rows, for batches of 1..`max_images` one-image requests.
+
+    Batches are built as the engine runs them (one request per image, schedulers cycling
+    through `schedulers`, since per-request scheduler work is part of a step). Run it on the
+    thread that runs the step loop: on a CPU, torch on another thread is slower (see
+    `serving.auxwork`).
+    """
+    rows_per_image = 2 if guidance_scale > 1 else 1
+    batches: dict[int, list[Any]] = {}
+    for k in range(1, max_images + 1):
+        batch = [
+            runner.prepare(
+                GenerationParams(prompt=f"calibrate {i}", width=width, height=height, num_inference_steps=reps + 100,
+                                 scheduler=schedulers[i % len(schedulers)], guidance_scale=guidance_scale),
+                seed=i,
+            )
+            for i in range(k)
+        ]
+        runner.step(batch)  # the first call of a size pays for allocation
+        batches[k * rows_per_image] = batch
+    return interleaved_min({rows: partial(runner.step, batch) for rows, batch in batches.items()}, reps)
