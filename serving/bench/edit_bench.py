@@ -75,9 +75,9 @@ def box_mask(size: int, ratio: float, rng: random.Random | None = None) -> torch
     y0 = x0 = (size - side) // 2
     if rng is not None:
         y0, x0 = rng.randrange(size - side + 1), rng.randrange(size - side + 1)
-    m = torch.zeros(size, size, dtype=torch.bool)
-    m[y0 : y0 + side, x0 : x0 + side] = True
-    return m
+    m = np.zeros((size, size), dtype=bool)  # numpy: the live run builds masks on the driver thread,
+    m[y0 : y0 + side, x0 : x0 + side] = True  # which must not start an OpenMP pool (`live.isolated`)
+    return torch.from_numpy(m)
 
 
 def mask_image(mask: torch.Tensor):

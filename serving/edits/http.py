@@ -170,7 +170,7 @@ def install_edit_routes(app: FastAPI, state: WorkerState) -> None:
 
     @app.post("/v1/images/edits")
     async def edits(request: Request) -> JSONResponse:
-        from stepfleet.serving.edits.masks import MaskError, pixel_mask_from_png
+        from stepfleet.serving.edits.masks import MaskError, pixel_mask_from_png, whole_image_mask
         from stepfleet.serving.edits.templates import image_digest
 
         engine, runner = _edit_runner(state)
@@ -197,9 +197,7 @@ def install_edit_routes(app: FastAPI, state: WorkerState) -> None:
             except MaskError as exc:
                 raise APIError(400, exc.message, param="mask", code="invalid_mask") from None
         else:  # OpenAI: without a mask the whole image may change
-            import torch
-
-            mask = torch.ones(image.size[1], image.size[0], dtype=torch.bool)
+            mask = whole_image_mask(image.size)
         key = template.key if template is not None else None
         try:
             if _text(form, "response_format") not in (None, "b64_json"):

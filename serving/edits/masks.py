@@ -74,6 +74,18 @@ def pixel_mask_from_image(img, size: tuple[int, int] | None = None) -> torch.Ten
     return torch.from_numpy(alpha == 0)
 
 
+def whole_image_mask(size: tuple[int, int]) -> torch.Tensor:
+    """(H, W) all-True mask for an image of `size` (width, height): an edit without a mask.
+
+    Built with numpy because it runs on a request thread: a torch fill that large is a
+    parallel region, and a second thread with an OpenMP pool slows every CPU step
+    (see `serving.auxwork`).
+    """
+    import numpy as np
+
+    return torch.from_numpy(np.ones((size[1], size[0]), dtype=bool))
+
+
 def latent_mask(pixel_mask: torch.Tensor, scale_factor: int) -> torch.Tensor:
     """(H, W) bool pixel mask → (H/f, W/f) bool latent mask: a cell is edited if any of its pixels is."""
     h, w = pixel_mask.shape

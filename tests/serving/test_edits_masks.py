@@ -117,3 +117,10 @@ def test_composite_keeps_template_pixels_outside_the_mask_exactly():
     assert np.array_equal(out[m.numpy()], np.asarray(e)[m.numpy()])
     arr = composite(np.asarray(e), np.asarray(t), m)
     assert isinstance(arr, np.ndarray) and np.array_equal(arr, out)
+
+
+def test_whole_image_mask_covers_every_pixel_with_height_first():
+    from stepfleet.serving.edits.masks import whole_image_mask
+
+    m = whole_image_mask((96, 64))
+    assert m.shape == (64, 96) and m.dtype == torch.bool and bool(m.all())
