@@ -14,6 +14,19 @@ from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 
 
+def cost_key(shape: Hashable, variant: str | None = None) -> Hashable:
+    """What step costs are learned under: the latent shape, plus a variant whose steps cost
+    differently at the same shape (edits on cached template activations compute only their
+    masked tokens, and on a CPU batching them costs more per image than it saves)."""
+    return shape if variant is None else (shape, variant)
+
+
+def _base_shape(key: Hashable) -> Hashable | None:
+    if isinstance(key, tuple) and len(key) == 2 and isinstance(key[1], str):
+        return key[0]
+    return None
+
+
 @dataclass
 class StepCostModel:
     """Exponentially smoothed step seconds per (shape key, batch rows)."""
@@ -34,11 +47,14 @@ class StepCostModel:
     #: Online points with fewer samples than this do not count for batch sizing yet.
     min_samples: int = 3
 
-    def observe(self, shape: Hashable, rows: int, seconds: float) -> None:
+    def observe(self, shape: Hashable, rows: int, seconds: float, reference: bool = True) -> None:
+        """Record one step. `reference=False` (a batch mixing variants) feeds the estimate only,
+        not the per-size samples batch sizing compares."""
         per_rows = self.table.setdefault(shape, {})
         old = per_rows.get(rows)
         per_rows[rows] = seconds if old is None else (1 - self.alpha) * old + self.alpha * seconds
-        self.recent.setdefault(shape, {}).setdefault(rows, deque(maxlen=self.window)).append(seconds)
+        if reference:
+            self.recent.setdefault(shape, {}).setdefault(rows, deque(maxlen=self.window)).append(seconds)
 
     def calibrate(self, shape: Hashable, seconds_by_rows: Mapping[int, float]) -> None:
         """Install a deliberately measured curve (each point timed alike, e.g. interleaved minima)."""
@@ -60,6 +76,9 @@ class StepCostModel:
         """Estimated duration of one step of a batch of `rows` rows of `shape`."""
         rows = max(1, rows)
         per_rows = self.table.get(shape)
+        base = _base_shape(shape)
+        if not per_rows and base is not None:  # a variant not measured yet: like its shape
+            return self.step_seconds(base, rows)
         if not per_rows:
             per_rows = self._nearest_shape_table(shape)
             if not per_rows:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from stepfleet.serving.auxwork import AuxWork, resolve_aux_mode
-from stepfleet.serving.costmodel import StepCostModel
+from stepfleet.serving.costmodel import StepCostModel, cost_key
 from stepfleet.serving.params import GenerationParams
 from stepfleet.serving.planner import Phase, PlannerConfig, Seq, StepPlanner, apply_plan
 
@@ -304,7 +304,9 @@ class Engine:
         p = req.params
         shape = self.runner.latent_shape(p.width, p.height)
         rows_per_image = 2 if p.guidance_scale > 1 else 1
-        solo = self.cost.service_seconds(shape, p.n * rows_per_image, p.num_inference_steps)
+        # Edits on cached template activations cost differently from full steps of the same shape.
+        key = cost_key(shape, "cached-edit" if getattr(tensors, "edit_path", None) == "cached" else None)
+        solo = self.cost.service_seconds(key, p.n * rows_per_image, p.num_inference_steps)
         explicit = p.deadline_ms is not None
         budget = p.deadline_ms / 1000.0 if explicit else self.config.slo_scale * solo
         req.tensors = tensors
@@ -319,6 +321,7 @@ class Engine:
             deadline=req.arrival + budget,
             explicit_deadline=explicit,
             priority=int(p.priority),
+            cost_key=key,
         )
         with self._cond:
             self._preparing.pop(req.id, None)
@@ -427,7 +430,11 @@ class Engine:
         seconds = time.perf_counter() - t0
         self.steps_run += 1
         rows = sum(r.seq.unet_rows for r in batch)
-        self.cost.observe(shape, rows, seconds)
+        keys = {r.seq.cost_key for r in batch}
+        if len(keys) == 1:
+            self.cost.observe(keys.pop(), rows, seconds)
+        else:  # a mixed batch informs the shape's estimate, not any variant's batch sizing
+            self.cost.observe(shape, rows, seconds, reference=False)
         self.observer.on_step(seconds, sum(r.seq.rows for r in batch), depth)
         for req in batch:
             req.seq.steps_done += 1

@@ -54,10 +54,14 @@ class Seq:
     unet_rows: int = 0  # rows it adds to a model call (2x images with classifier-free guidance)
     steps_done: int = 0
     phase: Phase = Phase.WAITING
+    #: What its steps' cost is learned under (`costmodel.cost_key`); the shape by default.
+    cost_key: Hashable = None
 
     def __post_init__(self) -> None:
         if not self.unet_rows:
             self.unet_rows = self.rows
+        if self.cost_key is None:
+            self.cost_key = self.shape
 
     @property
     def steps_left(self) -> int:
@@ -151,17 +155,26 @@ class StepPlanner:
             if c.shape == shape and c not in paused and (fence is None or c.urgency() < fence.urgency())
         ]
         admitted: list[Seq] = []
-        row_cap = self.cost.efficient_rows(shape, self.config.min_batch_gain) if self.config.min_batch_gain else None
-        unet_rows = sum(s.unet_rows for s in batch)
+        # Batch sizing per cost variant: each kind of step grows only while its own measured
+        # curve says one more row still pays.
+        caps: dict[Hashable, int | None] = {}
+        rows_of: dict[Hashable, int] = {}
+        for s in batch:
+            rows_of[s.cost_key] = rows_of.get(s.cost_key, 0) + s.unet_rows
         while queue and rows + queue[0].rows <= self.config.max_batch:
-            if batch and row_cap is not None and unet_rows + queue[0].unet_rows > row_cap:
-                reasons.append(f"batch held at {unet_rows} rows: measured gain beyond {row_cap} rows is too small")
+            key = queue[0].cost_key
+            if key not in caps:
+                gain = self.config.min_batch_gain
+                caps[key] = self.cost.efficient_rows(key, gain) if gain else None
+            have = rows_of.get(key, 0)
+            if have and caps[key] is not None and have + queue[0].unet_rows > caps[key]:
+                reasons.append(f"batch held at {have} rows: measured gain beyond {caps[key]} rows is too small")
                 break
             c = queue.pop(0)
             batch.append(c)
             admitted.append(c)
             rows += c.rows
-            unet_rows += c.unet_rows
+            rows_of[key] = have + c.unet_rows
 
         if queue and self.config.preemption:
             batch, rows = self._preempt(batch, running, queue, paused, admitted, rows, now, reasons)

@@ -71,3 +71,27 @@ def test_a_calibrated_curve_decides_batch_sizes_and_seeds_estimates():
     fresh = StepCostModel()
     fresh.calibrate(S, {2: 0.057, 4: 0.093})
     assert fresh.step_seconds(S, 4) == pytest.approx(0.093)
+
+
+def test_a_variant_is_estimated_like_its_shape_until_measured_and_learns_apart():
+    from stepfleet.serving.costmodel import cost_key
+
+    m = StepCostModel()
+    _observe(m, 2, 0.10)
+    _observe(m, 4, 0.15)  # full steps: batching pays
+    edit = cost_key(S, "cached-edit")
+    assert m.step_seconds(edit, 2) == pytest.approx(0.10)  # nothing measured: like its shape
+    _observe(m, 4, 0.15)
+    for _ in range(5):
+        m.observe(edit, 2, 0.05)
+        m.observe(edit, 4, 0.12)  # cached edits: batching costs more per row
+    assert m.step_seconds(edit, 2) == pytest.approx(0.05)
+    assert m.efficient_rows(edit, 0.05) == 2
+    assert m.efficient_rows(S, 0.05) is None
+
+
+def test_mixed_batches_feed_the_estimate_but_not_batch_sizing():
+    m = StepCostModel()
+    m.observe(S, 4, 0.2, reference=False)
+    assert m.step_seconds(S, 4) == pytest.approx(0.2)
+    assert m.reference_curve(S) == {}

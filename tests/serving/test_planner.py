@@ -171,3 +171,27 @@ def test_unmeasured_batch_sizes_are_explored():
     cost.observe(SHAPE, 1, 0.1)  # only the solo cost is known: bigger batches may pay, try them
     p = StepPlanner(PlannerConfig(max_batch=4), cost)
     assert len(p.plan([seq(s, i) for i, s in enumerate("abcd")], now=5).batch) == 4
+
+
+def test_each_cost_variant_is_batched_by_its_own_curve():
+    # On a CPU, batching edits on cached activations costs more per image than it saves,
+    # while full steps of the same shape still gain: edits stay one to a batch, generations fill.
+    from stepfleet.serving.costmodel import cost_key
+
+    edit = cost_key(SHAPE, "cached-edit")
+    cost = StepCostModel()
+    cost.calibrate(SHAPE, {1: 0.10, 2: 0.15, 3: 0.20, 4: 0.25})
+    for rows, seconds in ((1, 0.05), (2, 0.11)):
+        for _ in range(cost.min_samples):
+            cost.observe(edit, rows, seconds)
+    p = StepPlanner(PlannerConfig(max_batch=4), cost)
+
+    def edit_seq(sid, arrival):
+        s = seq(sid, arrival)
+        s.cost_key = edit
+        return s
+
+    assert p.plan([edit_seq(s, i) for i, s in enumerate("abc")], now=5).batch == ("a",)
+    assert p.plan([seq(s, i) for i, s in enumerate("abcd")], now=5).batch == tuple("abcd")
+    mixed = p.plan([edit_seq("e1", 0), seq("g1", 1), seq("g2", 2), edit_seq("e2", 3)], now=5)
+    assert mixed.batch == ("e1", "g1", "g2")  # the second edit would pass the edits' cap
