@@ -283,10 +283,10 @@ class Engine:
         total = 0.0
         mb = self.config.max_batch
         for r in list(self._live.values()) + list(self._preparing.values()):
-            shape = self.runner.latent_shape(r.params.width, r.params.height)
+            key = r.seq.cost_key if r.seq else self.runner.latent_shape(r.params.width, r.params.height)
             rows_per_image = 2 if r.params.guidance_scale > 1 else 1
             steps = r.seq.steps_left if r.seq else r.params.num_inference_steps
-            full_step = self.cost.step_seconds(shape, mb * rows_per_image)
+            full_step = self.cost.step_seconds(key, mb * rows_per_image)
             total += steps * full_step * r.params.n / mb
         return total
 
