@@ -270,6 +270,12 @@ class ControlLoopSpec(_Model):
     pending_grace_seconds: float = Field(
         default=180, ge=0, le=86400, description="How long a pod may stay Pending before it signals a shortage."
     )
+    readiness_timeout_seconds: float = Field(
+        default=900, ge=0, le=86400,
+        description="How long a scheduled worker pod may stay un-ready (model still loading or failed to load) "
+        "before its pool counts as short; crash loops and image pull errors count after pendingGraceSeconds. "
+        "0 turns the un-ready signal off.",
+    )
     recovery_window_seconds: float = Field(
         default=600, ge=0, le=86400, description="How long a short pool must show capacity again before it is trusted."
     )

@@ -363,6 +363,55 @@ def shortages_from_pods(pods: Iterable[Mapping[str, Any]], now_s: float, grace_s
     return out
 
 
+#: Container states that will not clear by themselves: the pod is scheduled but gives no capacity.
+STUCK_REASONS = frozenset(
+    {"CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "CreateContainerConfigError", "InvalidImageName",
+     "CreateContainerError", "RunContainerError"}
+)
+
+
+def _unready_since(pod: Mapping[str, Any]) -> tuple[float, bool] | None:
+    """(since when a scheduled pod has not been Ready, whether a container is stuck), or None if ready/unscheduled."""
+    status = pod.get("status") or {}
+    if pod_ready(pod) or status.get("phase") not in ("Pending", "Running"):
+        return None
+    conditions = {c.get("type"): c for c in status.get("conditions") or []}
+    scheduled = conditions.get("PodScheduled") or {}
+    if scheduled.get("status") != "True":
+        return None  # not placed yet: the Unschedulable signal covers it
+    ready = conditions.get("Ready") or {}
+    since = (parse_time(ready.get("lastTransitionTime")) or parse_time(scheduled.get("lastTransitionTime"))
+             or parse_time((pod.get("metadata") or {}).get("creationTimestamp")))
+    if since is None:
+        return None
+    containers = [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]
+    stuck = any(((c.get("state") or {}).get("waiting") or {}).get("reason") in STUCK_REASONS for c in containers)
+    return since, stuck
+
+
+def shortages_from_unready_pods(
+    pods: Iterable[Mapping[str, Any]], now_s: float, stuck_grace_s: float, readiness_timeout_s: float
+) -> dict[str, float]:
+    """pool -> since when a scheduled pod has failed to become Ready.
+
+    Scheduled pods that never turn Ready give a pool no capacity, like pods that cannot be
+    placed: a crash loop or an image that cannot be pulled counts after `stuck_grace_s`; a
+    pod that runs but stays un-ready (a model that fails to load keeps the worker up with
+    /readyz at 503) counts after `readiness_timeout_s`, which must cover a normal model load
+    (0 turns this second signal off).
+    """
+    out: dict[str, float] = {}
+    for pod in pods:
+        pool, found = pod_pool(pod), _unready_since(pod)
+        if pool is None or found is None:
+            continue
+        since, stuck = found
+        waited = now_s - since
+        if (stuck and waited >= stuck_grace_s) or (readiness_timeout_s > 0 and waited >= readiness_timeout_s):
+            out[pool] = min(out.get(pool, since), since)
+    return out
+
+
 def merge_shortages(*sources: Mapping[str, float]) -> dict[str, float]:
     out: dict[str, float] = {}
     for source in sources:

@@ -163,6 +163,8 @@ def run_once(
                 max(loop.pending_grace_seconds, 2 * loop.interval_seconds),
             ),
             observe.shortages_from_pods(cluster.pods, now_s, loop.pending_grace_seconds),
+            observe.shortages_from_unready_pods(cluster.pods, now_s, loop.pending_grace_seconds,
+                                                loop.readiness_timeout_seconds),
         )
         observation = observe.build_observation(
             now_s, [p.name for p in spec.pools], cluster.deployments,

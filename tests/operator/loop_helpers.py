@@ -123,6 +123,19 @@ def running_status(ready: bool = True) -> dict[str, Any]:
     }
 
 
+def unready_status(ready_false_ago: float, waiting_reason: str | None = None) -> dict[str, Any]:
+    """A scheduled pod that has not been Ready for `ready_false_ago` s (its container waiting for `waiting_reason`)."""
+    state = {"waiting": {"reason": waiting_reason}} if waiting_reason else {"running": {}}
+    return {
+        "phase": "Running",
+        "conditions": [
+            {"type": "PodScheduled", "status": "True", "lastTransitionTime": stamp(ready_false_ago + 5)},
+            {"type": "Ready", "status": "False", "lastTransitionTime": stamp(ready_false_ago)},
+        ],
+        "containerStatuses": [{"name": "worker", "ready": False, "state": state}],
+    }
+
+
 def unschedulable_status(seconds_ago: float) -> dict[str, Any]:
     return {
         "phase": "Pending",

@@ -8,7 +8,15 @@ import time
 
 import pytest
 from k8s_helpers import example
-from loop_helpers import Workers, ice_event, pod, running_status, unschedulable_status, vector
+from loop_helpers import (
+    Workers,
+    ice_event,
+    pod,
+    running_status,
+    unready_status,
+    unschedulable_status,
+    vector,
+)
 
 from stepfleet.operator.loop import act, observe
 from stepfleet.operator.models import DiffusionServiceSpec
@@ -222,3 +230,20 @@ def test_nodepool_limits_follow_the_plan_unless_the_spec_sets_them():
     assert act.nodepool_limits(spot, 3) == {"cpu": "48"}
     pinned = spot.model_copy(update={"node_pool": spot.node_pool.model_copy(update={"limits": {"cpu": "64"}})})
     assert act.nodepool_limits(pinned, 3) == {"cpu": "64"}
+
+
+def test_crash_loops_count_after_the_grace_and_silent_unready_pods_after_the_readiness_timeout():
+    now = time.time()
+    pods = [
+        {**pod("tiny", "spot", 0), "status": unready_status(200, "CrashLoopBackOff")},  # stuck, past grace
+        {**pod("tiny", "ondemand", 0), "status": unready_status(60, "ImagePullBackOff")},  # stuck, in grace
+        {**pod("tiny", "cpu", 0), "status": unready_status(1000)},  # model never loaded, past timeout
+        {**pod("tiny", "tpu", 0), "status": unready_status(300)},  # still loading, within timeout
+        {**pod("tiny", "gpu", 0), "status": running_status()},  # ready
+        {**pod("tiny", "gpu", 1), "status": unschedulable_status(1000)},  # not placed: the other signal's
+    ]
+    short = observe.shortages_from_unready_pods(pods, now, stuck_grace_s=180, readiness_timeout_s=900)
+    assert sorted(short) == ["cpu", "spot"]
+    assert short["spot"] == pytest.approx(now - 200, abs=2)
+    off = observe.shortages_from_unready_pods(pods, now, stuck_grace_s=180, readiness_timeout_s=0)
+    assert sorted(off) == ["spot"]

@@ -25,6 +25,7 @@ from loop_helpers import (
     pod,
     running_status,
     serve,
+    unready_status,
     unschedulable_status,
     vector,
 )
@@ -204,6 +205,19 @@ async def test_prometheus_demand_and_unschedulable_pods():
             short = condition(em.fetch(DFS, NS, "tiny"), "CapacityShort")
             assert short["status"] == "True" and "spot" in short["message"]
             await eventually(lambda: _events(em, "ModeChanged"))
+
+
+async def test_a_crash_looping_pool_counts_as_short():
+    answers = {"requests": {"ondemand": 3.0}, "latency": {"ondemand": 0.9}, "queue": {"ondemand": 1}}
+    with serve(_prometheus(answers)) as prom:
+        async with emulator() as em, operator(em, LOOP):
+            await _started(em, _fleet(prometheusUrl=prom.url))
+            await eventually(lambda: _replicas(em, "spot") >= 3, timeout=15)
+            # the spot pod was placed but its worker crash-loops: no capacity, like an unplaceable pod
+            await _add_pod(em, "spot", 0, unready_status(300, "CrashLoopBackOff"))
+            await eventually(lambda: _status(em).get("mode") == "capacity")
+            short = condition(em.fetch(DFS, NS, "tiny"), "CapacityShort")
+            assert short["status"] == "True" and "spot" in short["message"]
 
 
 @pytest.mark.parametrize(
