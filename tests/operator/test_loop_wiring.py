@@ -192,32 +192,24 @@ def _prometheus(answers: dict[str, Any]):
     return responder
 
 
-async def test_prometheus_demand_and_unschedulable_pods():
+@pytest.mark.parametrize(
+    "spot_pod",
+    # Pending/Unschedulable past the 60 s grace; or placed, but its worker crash-loops: no capacity either way.
+    [unschedulable_status(300), unready_status(300, "CrashLoopBackOff")],
+    ids=["unschedulable", "crash-loop"],
+)
+async def test_prometheus_demand_and_pods_that_give_no_capacity(spot_pod):
     answers = {"requests": {"ondemand": 3.0}, "latency": {"ondemand": 0.9}, "queue": {"ondemand": 1}}
     with serve(_prometheus(answers)) as prom:
         async with emulator() as em, operator(em, LOOP):
             await _started(em, _fleet(prometheusUrl=prom.url))
             await eventually(lambda: _replicas(em, "spot") >= 3, timeout=15)
             assert any('namespace="ml",service=~"tiny-.+"' in q for q in prom.queries())
-            # spot pods stay Pending: Unschedulable for longer than the 60 s grace period
-            await _add_pod(em, "spot", 0, unschedulable_status(300))
+            await _add_pod(em, "spot", 0, spot_pod)
             await eventually(lambda: _status(em).get("mode") == "capacity")
             short = condition(em.fetch(DFS, NS, "tiny"), "CapacityShort")
             assert short["status"] == "True" and "spot" in short["message"]
             await eventually(lambda: _events(em, "ModeChanged"))
-
-
-async def test_a_crash_looping_pool_counts_as_short():
-    answers = {"requests": {"ondemand": 3.0}, "latency": {"ondemand": 0.9}, "queue": {"ondemand": 1}}
-    with serve(_prometheus(answers)) as prom:
-        async with emulator() as em, operator(em, LOOP):
-            await _started(em, _fleet(prometheusUrl=prom.url))
-            await eventually(lambda: _replicas(em, "spot") >= 3, timeout=15)
-            # the spot pod was placed but its worker crash-loops: no capacity, like an unplaceable pod
-            await _add_pod(em, "spot", 0, unready_status(300, "CrashLoopBackOff"))
-            await eventually(lambda: _status(em).get("mode") == "capacity")
-            short = condition(em.fetch(DFS, NS, "tiny"), "CapacityShort")
-            assert short["status"] == "True" and "spot" in short["message"]
 
 
 @pytest.mark.parametrize(
