@@ -45,6 +45,10 @@ PDB = Kind("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets")
 SERVICEMONITOR = Kind("monitoring.coreos.com/v1", "ServiceMonitor", "servicemonitors")
 NODEPOOL = Kind("karpenter.sh/v1", "NodePool", "nodepools", namespaced=False)
 EVENT = Kind("v1", "Event", "events")
+#: The router's identity: it lists and watches its pools' EndpointSlices.
+SERVICEACCOUNT = Kind("v1", "ServiceAccount", "serviceaccounts")
+ROLE = Kind("rbac.authorization.k8s.io/v1", "Role", "roles")
+ROLEBINDING = Kind("rbac.authorization.k8s.io/v1", "RoleBinding", "rolebindings")
 DIFFUSIONSERVICE = Kind("stepfleet.io/v1alpha1", "DiffusionService", "diffusionservices")
 #: Read by the control loop only (pending pods, Karpenter's launch attempts).
 POD = Kind("v1", "Pod", "pods")
@@ -52,7 +56,8 @@ NODECLAIM = Kind("karpenter.sh/v1", "NodeClaim", "nodeclaims", namespaced=False)
 
 KINDS: dict[tuple[str, str], Kind] = {
     (k.api_version, k.kind): k
-    for k in (DEPLOYMENT, SERVICE, CONFIGMAP, PDB, SERVICEMONITOR, NODEPOOL, EVENT, DIFFUSIONSERVICE, POD, NODECLAIM)
+    for k in (DEPLOYMENT, SERVICE, CONFIGMAP, PDB, SERVICEMONITOR, NODEPOOL, EVENT, DIFFUSIONSERVICE, POD, NODECLAIM,
+              SERVICEACCOUNT, ROLE, ROLEBINDING)
 }
 
 

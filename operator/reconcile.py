@@ -25,7 +25,8 @@ from stepfleet.operator.validation import validate
 log = logging.getLogger(__name__)
 
 #: Namespaced kinds the operator creates, in the order they are pruned.
-NAMESPACED_KINDS = (kube.DEPLOYMENT, kube.PDB, kube.SERVICE, kube.CONFIGMAP)
+NAMESPACED_KINDS = (kube.DEPLOYMENT, kube.PDB, kube.SERVICE, kube.CONFIGMAP, kube.ROLEBINDING, kube.ROLE,
+                    kube.SERVICEACCOUNT)
 
 
 @dataclass

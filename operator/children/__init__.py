@@ -24,6 +24,7 @@ def build_all(owner: Owner, spec: DiffusionServiceSpec, observed: Observed) -> l
         if pool.node_pool is not None:
             out.append(nodepools.nodepool(owner, pool))
         out.append(workers.deployment(owner, spec, pool, observed))
+    out += [router.service_account(owner), router.role(owner), router.role_binding(owner)]
     out.append(router.deployment(owner, spec))
     if observed.servicemonitor_available:
         out.append(monitoring.servicemonitor(owner))

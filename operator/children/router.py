@@ -139,7 +139,9 @@ def deployment(owner: Owner, spec: DiffusionServiceSpec) -> Manifest:
                 "spec": {
                     "securityContext": dict(POD_SECURITY),
                     "enableServiceLinks": False,
-                    "automountServiceAccountToken": False,
+                    # Its own ServiceAccount, allowed only to read EndpointSlices (see `role`).
+                    "serviceAccountName": names.router(owner.name),
+                    "automountServiceAccountToken": True,
                     "containers": [container],
                     "volumes": [
                         {"name": "config", "configMap": {"name": names.router(owner.name)}},
@@ -148,6 +150,41 @@ def deployment(owner: Owner, spec: DiffusionServiceSpec) -> Manifest:
                 },
             },
         },
+    }
+
+
+#: All the router may do with the API: find its pools' worker pods (serving/router/discovery.py),
+#: so it dials pods directly instead of letting kube-proxy pick one at random.
+ROUTER_RULES: list[dict[str, Any]] = [
+    {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]},
+]
+
+
+def service_account(owner: Owner) -> Manifest:
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": metadata(owner, names.router(owner.name), names.router_labels(owner.name)),
+    }
+
+
+def role(owner: Owner) -> Manifest:
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": metadata(owner, names.router(owner.name), names.router_labels(owner.name)),
+        "rules": [dict(rule) for rule in ROUTER_RULES],
+    }
+
+
+def role_binding(owner: Owner) -> Manifest:
+    name = names.router(owner.name)
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": metadata(owner, name, names.router_labels(owner.name)),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+        "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": owner.namespace}],
     }
 
 

@@ -128,6 +128,11 @@ NAMESPACED = {
     ("monitoring.coreos.com", "servicemonitors"): {"get", "list", "watch", "create", "patch", "delete"},
     ("", "events"): {"create"},
     ("", "pods"): {"list"},
+    # the router's ServiceAccount, Role and RoleBinding, and the Role's own permission (escalation check)
+    ("", "serviceaccounts"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("rbac.authorization.k8s.io", "roles"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("rbac.authorization.k8s.io", "rolebindings"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("discovery.k8s.io", "endpointslices"): {"get", "list", "watch"},
 }
 CLUSTER = {
     ("", "namespaces"): {"list", "watch"},

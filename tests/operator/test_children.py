@@ -33,7 +33,7 @@ def test_builtin_children_pass_strict_kubernetes_schemas(name):
     obj = example(name)
     owner = Owner(name=obj["metadata"]["name"], namespace="ml", uid="u-1")
     manifests = build_all(owner, _spec(obj), Observed(servicemonitor_available=True))
-    builtin = [m for m in manifests if m["apiVersion"] in {"v1", "apps/v1", "policy/v1"}]
+    builtin = [m for m in manifests if m["apiVersion"] in {"v1", "apps/v1", "policy/v1", "rbac.authorization.k8s.io/v1"}]
     assert len(builtin) == len(manifests) - sum(1 for m in manifests if m["apiVersion"].startswith(("karpenter", "monitoring")))
     for manifest in builtin:
         kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
@@ -44,6 +44,7 @@ def test_three_pool_fleet_children():
     kids = _by_kind(build_all(OWNER, spec, Observed()))
     assert set(kids) == {
         ("ConfigMap", "sd15-router"), ("Service", "sd15-router"), ("Deployment", "sd15-router"),
+        ("ServiceAccount", "sd15-router"), ("Role", "sd15-router"), ("RoleBinding", "sd15-router"),
         *[(k, f"sd15-{p}") for p in ("l4", "inf2", "tpu-v5e") for k in ("Deployment", "Service", "PodDisruptionBudget")],
         ("NodePool", "ml-sd15-l4"), ("NodePool", "ml-sd15-inf2"),
     }  # no ServiceMonitor: the API is not there
@@ -176,3 +177,16 @@ def test_model_or_image_change_changes_pod_template():
     after_image = workers.deployment(OWNER, _spec(obj), _spec(obj).pools[0], Observed())["spec"]["template"]
     assert before != after_model != after_image
     assert after_image["spec"]["containers"][0]["image"] == "registry.example/stepfleet:dev"
+
+
+def test_the_router_may_only_read_endpointslices_under_its_own_service_account():
+    kids = _by_kind(build_all(OWNER, _spec(example("three-pool-fleet.yaml")), Observed()))
+    pod = kids[("Deployment", "sd15-router")]["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "sd15-router" and pod["automountServiceAccountToken"] is True
+    role, binding = kids[("Role", "sd15-router")], kids[("RoleBinding", "sd15-router")]
+    assert role["rules"] == [{"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
+                              "verbs": ["get", "list", "watch"]}]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "sd15-router"}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "sd15-router", "namespace": OWNER.namespace}]
+    # Worker pods still get no API token.
+    assert kids[("Deployment", "sd15-l4")]["spec"]["template"]["spec"]["automountServiceAccountToken"] is False

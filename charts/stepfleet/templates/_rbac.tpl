@@ -29,6 +29,21 @@
 - apiGroups: ["monitoring.coreos.com"]
   resources: ["servicemonitors"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# The router's own identity, one of each per DiffusionService: a ServiceAccount and a Role with a
+# RoleBinding that let the router list and watch its pools' EndpointSlices (it dials worker pods
+# directly instead of the Service's ClusterIP).
+- apiGroups: [""]
+  resources: ["serviceaccounts"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# The router's Role (read EndpointSlices) and its RoleBinding to that ServiceAccount.
+- apiGroups: ["rbac.authorization.k8s.io"]
+  resources: ["roles", "rolebindings"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# Kubernetes lets a subject grant only permissions it holds itself (RBAC escalation check), so the
+# operator holds the router Role's: read EndpointSlices.
+- apiGroups: ["discovery.k8s.io"]
+  resources: ["endpointslices"]
+  verbs: ["get", "list", "watch"]
 # kopf's and the operator's own Events (InvalidSpec, ChildConflict, mode switches).
 - apiGroups: [""]
   resources: ["events"]
