@@ -6,8 +6,9 @@ finished requests. Requests therefore join and leave the running batch at step b
 
 Prompt encoding and VAE decoding run on a separate auxiliary thread so they never stall
 the batch on accelerators, and inline between steps on the CPU, where a second torch
-thread slows every step (see `serving.auxwork`); callers get a `concurrent.futures.Future` they can await from asyncio. A failure
-in one request (bad tensor, scheduler error) fails that request only; the loop goes on.
+thread slows every step (see `serving.auxwork`). Callers get a `concurrent.futures.Future`
+they can await from asyncio. A failure in one request (bad tensor, scheduler error) fails
+that request only; the loop goes on.
 """
 
 from __future__ import annotations
