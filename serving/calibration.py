@@ -44,10 +44,27 @@ def step_curve(
 ) -> dict[int, float]:
     """Seconds of one denoising step by UNet rows, for batches of 1..`max_images` one-image requests.
 
+    Run it on the thread that runs the step loop: on a CPU, torch on another thread is
+    slower (see `serving.auxwork`).
+    """
+    steps = curve_steps(runner, width, height, guidance_scale, max_images, reps, schedulers)
+    return interleaved_min(steps, reps)
+
+
+def curve_steps(
+    runner: Any,
+    width: int,
+    height: int,
+    guidance_scale: float,
+    max_images: int,
+    reps: int,
+    schedulers: Sequence[str] = ("ddim",),
+) -> dict[int, Callable[[], Any]]:
+    """UNet rows -> one step of a warmed batch of that many one-image requests (good for `reps` calls).
+
     Batches are built as the engine runs them (one request per image, schedulers cycling
-    through `schedulers`, since per-request scheduler work is part of a step). Run it on the
-    thread that runs the step loop: on a CPU, torch on another thread is slower (see
-    `serving.auxwork`).
+    through `schedulers`, since per-request scheduler work is part of a step). Callers that
+    time other work too interleave it with these in one `interleaved_min`, so drift hits both.
     """
     rows_per_image = 2 if guidance_scale > 1 else 1
     batches: dict[int, list[Any]] = {}
@@ -62,4 +79,4 @@ def step_curve(
         ]
         runner.step(batch)  # the first call of a size pays for allocation
         batches[k * rows_per_image] = batch
-    return interleaved_min({rows: partial(runner.step, batch) for rows, batch in batches.items()}, reps)
+    return {rows: partial(runner.step, batch) for rows, batch in batches.items()}

@@ -254,14 +254,12 @@ class Bench:
         return serve_one_at_a_time(trace, lambda r: self.diffusers_edit(self._trace_mask(r), r.prompt))
 
     def live_engine(self, trace: Sequence[EditRequest], use_cache: bool, table: EditCostTable) -> dict[str, Any]:
-        from stepfleet.serving.costmodel import StepCostModel
         from stepfleet.serving.engine import Engine, EngineConfig
 
         c = self.cfg
-        cost = StepCostModel()  # calibrated with this run's table, as a warmed-up worker's is
-        cost.calibrate(self.runner.latent_shape(c.size, c.size), {2 * k: s for k, s in table.full_step_s.items()})
         engine = Engine(self.runner, EngineConfig(max_batch=c.max_batch, max_queue=10_000, policy="continuous",
-                                                  slo_scale=c.slo_scale), cost=cost)
+                                                  slo_scale=c.slo_scale),
+                        cost=table.cost_model(self.runner.latent_shape(c.size, c.size)))
         engine.start()
         submitted = []
         drive(trace, lambda r: submitted.append(

@@ -60,6 +60,13 @@ class EditCostTable:
     #: Cached-path step of a single image by mask ratio (reported; the replay uses the batch figures).
     cached_one_image_step_s: dict[float, float] | None = None
 
+    def cost_model(self, shape: tuple[int, int, int]) -> StepCostModel:
+        """An engine cost model calibrated with the full-compute steps, as a warmed-up worker's is
+        (cached edits learn their own curve online, `costmodel.cost_key`)."""
+        cost = StepCostModel()
+        cost.calibrate(shape, {2 * k: s for k, s in self.full_step_s.items()})  # guidance: 2 rows per image
+        return cost
+
     def _shared_and_full(self) -> tuple[float, float]:
         ks = sorted(self.full_step_s)
         if len(ks) == 1:
@@ -122,8 +129,7 @@ def replay_edit_engine(
     shape: tuple[int, int, int] = (4, 64, 64),
 ) -> dict[str, float]:
     """The engine's step loop (the same `StepPlanner`) on simulated time; encode/decode serialised with steps."""
-    cost = StepCostModel()
-    cost.calibrate(shape, {2 * k: s for k, s in table.full_step_s.items()})
+    cost = table.cost_model(shape)
     ratio_of = {r.id: (r.ratio if cached else None) for r in trace}
     return simulate_step_loop(
         [(r.id, r.arrival_s, steps) for r in trace],

@@ -34,7 +34,7 @@ from stepfleet.serving.bench.trace import (
     latency_stats,
     poisson_trace,
 )
-from stepfleet.serving.calibration import interleaved_min, step_curve
+from stepfleet.serving.calibration import curve_steps, interleaved_min
 from stepfleet.serving.engine import Engine, EngineConfig
 from stepfleet.serving.params import GenerationParams
 from stepfleet.serving.planner import PlannerConfig
@@ -70,21 +70,28 @@ def _params(r: TraceRequest, cfg: BenchConfig) -> GenerationParams:
 def measure_costs(model: Any, runner: Any, cfg: BenchConfig, quick: bool) -> CostTable:
     """The step-cost table the replay uses, measured now on this machine.
 
-    Batches are measured as the live engine runs them (`calibration.step_curve`: k requests
-    of one image each, schedulers cycling through the trace's mix). The pipeline is timed
-    at 10 and 30 steps over the same scheduler mix.
+    Batches are measured as the live engine runs them (`calibration.curve_steps`: k requests
+    of one image each, schedulers cycling through the trace's mix); the pipeline is timed at
+    10 and 30 steps over the same scheduler mix. All of it is timed in one round-robin, so a
+    minute in which the machine runs faster or slower touches the engine and fifo alike
+    (timed one group after the other, the two once came out 44.5 ms and 65.0 ms per step).
     """
     import torch
 
     from stepfleet.serving.schedulers import make_scheduler
 
-    reps = 3 if quick else 6
+    reps = 2 if quick else 3
     rows_per_image = 2 if cfg.guidance_scale > 1 else 1
-    step_s = step_curve(runner, cfg.size, cfg.size, cfg.guidance_scale, cfg.max_batch, reps, SCHEDULER_MIX)
+    fns: dict[Any, Any] = {
+        ("step", rows): fn
+        for rows, fn in curve_steps(runner, cfg.size, cfg.size, cfg.guidance_scale, cfg.max_batch, reps,
+                                    SCHEDULER_MIX).items()
+    }
     one = GenerationParams(prompt="cost", width=cfg.size, height=cfg.size, num_inference_steps=10,
                            guidance_scale=cfg.guidance_scale)
     done = runner.prepare(one, 0)
-    aux = interleaved_min({"encode": lambda: runner.prepare(one, 0), "decode": lambda: runner.decode(done)}, reps)
+    fns["encode"] = lambda: runner.prepare(one, 0)
+    fns["decode"] = lambda: runner.decode(done)
 
     pipe = model.pipeline
     base = pipe.scheduler
@@ -94,19 +101,22 @@ def measure_costs(model: Any, runner: Any, cfg: BenchConfig, quick: bool) -> Cos
         pipe("cost", height=cfg.size, width=cfg.size, num_inference_steps=steps, guidance_scale=cfg.guidance_scale,
              generator=torch.Generator().manual_seed(0))
 
-    calls = {(steps, sch): (lambda steps=steps, sch=sch: pipeline_call(steps, sch))
-             for steps in (10, 30) for sch in SCHEDULER_MIX}
+    for steps in (10, 30):
+        for sch in SCHEDULER_MIX:
+            fns[("pipe", steps, sch)] = partial(pipeline_call, steps, sch)
     try:
         pipeline_call(2, "ddim")
-        fifo = interleaved_min(calls, 2 if quick else 3)
+        best = interleaved_min(fns, reps)
     finally:
         pipe.scheduler = base
-    t10 = statistics.fmean(fifo[(10, sch)] for sch in SCHEDULER_MIX)
-    t30 = statistics.fmean(fifo[(30, sch)] for sch in SCHEDULER_MIX)
+    step_s = {rows: best[("step", rows)] for rows in range(rows_per_image, (cfg.max_batch + 1) * rows_per_image,
+                                                             rows_per_image)}
+    t10 = statistics.fmean(best[("pipe", 10, sch)] for sch in SCHEDULER_MIX)
+    t30 = statistics.fmean(best[("pipe", 30, sch)] for sch in SCHEDULER_MIX)
     fifo_step = (t30 - t10) / 20
     if fifo_step <= 0:  # too noisy to fit a line: fall back to the engine's own single-request step
         fifo_step = step_s[rows_per_image]
-    return CostTable(step_s_by_rows=step_s, encode_s=aux["encode"], decode_s=aux["decode"], fifo_step_s=fifo_step,
+    return CostTable(step_s_by_rows=step_s, encode_s=best["encode"], decode_s=best["decode"], fifo_step_s=fifo_step,
                      fifo_overhead_s=max(0.0, t10 - 10 * fifo_step))
 
 
