@@ -13,9 +13,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
+from stepfleet.serving.contracts import Runner
 from stepfleet.serving.params import GenerationParams
+
+S = TypeVar("S")
 
 
 def interleaved_min(fns: dict[Any, Callable[[], Any]], reps: int) -> dict[Any, float]:
@@ -34,7 +37,7 @@ def interleaved_min(fns: dict[Any, Callable[[], Any]], reps: int) -> dict[Any, f
 
 
 def step_curve(
-    runner: Any,
+    runner: Runner[S],
     width: int,
     height: int,
     guidance_scale: float,
@@ -52,7 +55,7 @@ def step_curve(
 
 
 def curve_steps(
-    runner: Any,
+    runner: Runner[S],
     width: int,
     height: int,
     guidance_scale: float,
@@ -67,14 +70,14 @@ def curve_steps(
     time other work too interleave it with these in one `interleaved_min`, so drift hits both.
     """
     rows_per_image = 2 if guidance_scale > 1 else 1
-    batches: dict[int, list[Any]] = {}
+    batches: dict[int, list[S]] = {}
     for k in range(1, max_images + 1):
         batch = [
             runner.prepare(
                 GenerationParams(prompt=f"calibrate {i}", width=width, height=height, num_inference_steps=reps + 100,
                                  scheduler=schedulers[i % len(schedulers)], guidance_scale=guidance_scale),
                 seed=i,
-            )
+            ).state
             for i in range(k)
         ]
         runner.step(batch)  # the first call of a size pays for allocation

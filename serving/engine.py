@@ -1,8 +1,10 @@
 """The step-level engine: a loop that runs one batched denoising step at a time.
 
 Each turn: take in requests that became ready, drop cancelled ones, ask the pure
-`StepPlanner` for this step's plan, run one model call for the planned batch, then retire
-finished requests. Requests therefore join and leave the running batch at step boundaries.
+`StepPlanner` for this step's plan, execute it (one model call for the planned batch, with
+failures isolated per request into a `StepResult`), then `planner.update` retires finished
+and failed requests — in that one place. Requests therefore join and leave the running
+batch at step boundaries. The engine talks to the runner only through `serving.contracts`.
 
 Prompt encoding and VAE decoding run on a separate auxiliary thread so they never stall
 the batch on accelerators, and inline between steps on the CPU, where a second torch
@@ -22,12 +24,21 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from stepfleet.serving.auxwork import AuxWork, resolve_aux_mode
+from stepfleet.serving.contracts import Decoded, EditPath, Prepared, RequestKind, Runner, StepResult
 from stepfleet.serving.costmodel import StepCostModel, cost_key
 from stepfleet.serving.params import GenerationParams
-from stepfleet.serving.planner import Phase, PlannerConfig, Seq, StepPlanner, apply_plan
+from stepfleet.serving.planner import Phase, PlannerConfig, Seq, StepPlan, StepPlanner, apply_plan, update
+
+if TYPE_CHECKING:
+    import torch
+
+    from stepfleet.serving.contracts import ImageBatch
+
+S = TypeVar("S")
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +57,6 @@ class ShuttingDown(Exception):
 
 class RequestCancelled(Exception):
     """The request was cancelled (its client went away) before it finished."""
-
-
-class Runner(Protocol):
-    """What the engine needs from a model runner (see `ModelRunner`); tests may pass a fake."""
-
-    def latent_shape(self, width: int, height: int) -> tuple[int, int, int]: ...
-    def prepare(self, params: GenerationParams, seed: int) -> Any: ...
-    def step(self, batch: list[Any]) -> None: ...
-    def decode(self, tensors: Any) -> Any: ...
 
 
 class EngineObserver(Protocol):
@@ -84,18 +86,18 @@ class EngineConfig:
 
 
 @dataclass
-class EngineRequest:
+class EngineRequest(Generic[S]):
     id: str
     params: GenerationParams
     seed: int
     arrival: float
-    future: Future = field(default_factory=Future)
+    future: Future[EngineResult] = field(default_factory=Future)
     seq: Seq | None = None
-    tensors: Any = None
+    prepared: Prepared[S] | None = None
     cancelled: bool = False
     started_at: float | None = None
     finished_at: float | None = None
-    kind: str = "generation"
+    kind: RequestKind = RequestKind.GENERATION
 
     @property
     def deadline_met(self) -> bool | None:
@@ -106,15 +108,15 @@ class EngineRequest:
 
 @dataclass(frozen=True)
 class EngineResult:
-    images: Any  # list of PIL images
+    images: ImageBatch  # PIL images
     seed: int
     queue_s: float
     total_s: float
     steps: int
-    #: Final latents (on the CPU), for equality checks; None for runners without tensors.
-    latents: Any = None
-    #: For edits: "cached" (masked compute from the template's activations) or "full".
-    edit_path: str | None = None
+    #: Final latents (on the CPU) when the engine keeps them, for equality checks.
+    latents: torch.Tensor | None = None
+    #: For edits: cached (masked compute from the template's activations) or full.
+    edit_path: EditPath | None = None
 
 
 class _NullObserver:
@@ -128,12 +130,12 @@ class _NullObserver:
         pass
 
 
-class Engine:
+class Engine(Generic[S]):
     """Owns the step loop thread, the auxiliary thread, and every live request."""
 
     def __init__(
         self,
-        runner: Runner,
+        runner: Runner[S],
         config: EngineConfig | None = None,
         observer: EngineObserver | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -154,16 +156,14 @@ class Engine:
             self.cost,
         )
         self._cond = threading.Condition()
-        self._preparing: dict[str, EngineRequest] = {}
-        self._live: dict[str, EngineRequest] = {}  # ready: waiting, running or paused
+        self._preparing: dict[str, EngineRequest[S]] = {}
+        self._live: dict[str, EngineRequest[S]] = {}  # ready: waiting, running or paused
         self._ids = itertools.count()
-        self._aux = AuxWork(resolve_aux_mode(self.config.aux, getattr(runner, "device_type", None)), self._wake)
-        self._calls: list[tuple[Callable[[], Any], Future]] = []  # run on the loop thread
+        self._aux = AuxWork(resolve_aux_mode(self.config.aux, runner.device_type), self._wake)
+        self._calls: list[tuple[Callable[[], object], Future]] = []  # run on the loop thread
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._accepting = True
-        self.steps_run = 0
-        self.last_plan = None
         self.keep_latents = False  # the benchmark turns this on to check batch invariance
 
     # -- lifecycle -----------------------------------------------------------------
@@ -200,8 +200,8 @@ class Engine:
 
     # -- client side ---------------------------------------------------------------
     def submit(
-        self, params: GenerationParams, request_id: str | None = None, kind: str = "generation"
-    ) -> EngineRequest:
+        self, params: GenerationParams, request_id: str | None = None, kind: RequestKind = RequestKind.GENERATION
+    ) -> EngineRequest[S]:
         """Queue a request; raises QueueFull (with a retry estimate) or ShuttingDown."""
         with self._cond:
             if not self._accepting:
@@ -216,9 +216,9 @@ class Engine:
         self._aux.submit(self._prepare, req)
         return req
 
-    def call_on_loop(self, fn: Callable[[], Any]) -> Future:
+    def call_on_loop(self, fn: Callable[[], T]) -> Future[T]:
         """Run `fn` on the step loop's thread at the next step boundary (torch work belongs there)."""
-        fut: Future = Future()
+        fut: Future[T] = Future()
         with self._cond:
             if self._thread is None or self._stopping:
                 raise RuntimeError("the engine's loop is not running")
@@ -292,32 +292,29 @@ class Engine:
         return total
 
     # -- auxiliary thread ------------------------------------------------------------
-    def _prepare(self, req: EngineRequest) -> None:
+    def _prepare(self, req: EngineRequest[S]) -> None:
         if req.cancelled:
             self._finish(req, "cancelled", RequestCancelled(req.id))
             return
         try:
-            tensors = self.runner.prepare(req.params, req.seed)
+            prepared = self.runner.prepare(req.params, req.seed)
         except Exception as exc:  # a bad request must not take the engine down
             log.exception("prepare failed for %s", req.id)
             self._finish(req, "error", exc)
             return
         p = req.params
-        shape = self.runner.latent_shape(p.width, p.height)
-        rows_per_image = 2 if p.guidance_scale > 1 else 1
         # Edits on cached template activations cost differently from full steps of the same shape.
-        key = cost_key(shape, "cached-edit" if getattr(tensors, "edit_path", None) == "cached" else None)
-        solo = self.cost.service_seconds(key, p.n * rows_per_image, p.num_inference_steps)
+        key = cost_key(prepared.shape, prepared.cost_variant)
+        solo = self.cost.service_seconds(key, prepared.unet_rows, prepared.steps)
         explicit = p.deadline_ms is not None
         budget = p.deadline_ms / 1000.0 if explicit else self.config.slo_scale * solo
-        req.tensors = tensors
-        steps = getattr(tensors, "num_steps", None) or p.num_inference_steps  # fewer with strength < 1
+        req.prepared = prepared
         req.seq = Seq(
             id=req.id,
-            shape=shape,
+            shape=prepared.shape,
             rows=p.n,
-            unet_rows=p.n * rows_per_image,
-            steps_total=steps,
+            unet_rows=prepared.unet_rows,
+            steps_total=prepared.steps,
             arrival=req.arrival,
             deadline=req.arrival + budget,
             explicit_deadline=explicit,
@@ -329,29 +326,29 @@ class Engine:
             self._live[req.id] = req
             self._cond.notify_all()
 
-    def _decode(self, req: EngineRequest) -> None:
-        latents = getattr(req.tensors, "latents", None)
-        edit_path = getattr(req.tensors, "edit_path", None)
+    def _decode(self, req: EngineRequest[S]) -> None:
+        assert req.prepared is not None
         try:
-            images = self.runner.decode(req.tensors)
+            decoded: Decoded = self.runner.decode(req.prepared.state, keep_latents=self.keep_latents)
         except Exception as exc:
             log.exception("decode failed for %s", req.id)
             self._finish(req, "error", exc)
             return
-        req.tensors = None
+        req.prepared = None
         req.finished_at = self.clock()
         result = EngineResult(
-            images=images,
+            images=decoded.images,
             seed=req.seed,
             queue_s=(req.started_at or req.finished_at) - req.arrival,
             total_s=req.finished_at - req.arrival,
             steps=req.params.num_inference_steps,
-            latents=latents.detach().to("cpu") if self.keep_latents and latents is not None else None,
-            edit_path=edit_path,
+            latents=decoded.latents,
+            edit_path=decoded.edit_path,
         )
         self._finish(req, "ok", result=result)
 
-    def _finish(self, req: EngineRequest, outcome: str, error: BaseException | None = None, result: Any = None) -> None:
+    def _finish(self, req: EngineRequest[S], outcome: str, error: BaseException | None = None,
+                result: EngineResult | None = None) -> None:
         with self._cond:
             self._preparing.pop(req.id, None)
             self._live.pop(req.id, None)
@@ -403,65 +400,71 @@ class Engine:
                 apply_plan(seqs, plan)
                 batch = [self._live[sid] for sid in plan.batch]
                 depth = self.queue_depth()
-            self.last_plan = plan
             if plan.paused:
                 self.observer.on_preempt(len(plan.paused))
                 log.debug("plan: %s", "; ".join(plan.reasons))
-            self._run_step(batch, plan.shape, depth)
+            result = self._execute(plan, batch)
+            self._retire(plan, batch, result, seqs, depth)
         self._aux.run_pending()  # decodes queued by the last steps
         with self._cond:
             calls, self._calls = self._calls, []
         for _, fut in calls:
             fut.set_exception(ShuttingDown("the engine stopped"))
 
-    def _run_step(self, batch: list[EngineRequest], shape: Any, depth: int) -> None:
+    def _execute(self, plan: StepPlan, batch: list[EngineRequest[S]]) -> StepResult:
+        """One model call for the plan's batch; if it fails, each request is retried alone.
+
+        One call serves the whole batch, so a failure cannot be pinned on anyone: only the
+        requests that also fail alone fail.
+        """
         now = self.clock()
         for req in batch:
             if req.started_at is None:
                 req.started_at = now
+        states = [req.prepared.state for req in batch if req.prepared is not None]
         t0 = time.perf_counter()
         try:
-            self.runner.step([r.tensors for r in batch])
-        except Exception as exc:
-            # One model call serves the whole batch; if it fails we cannot tell whose input
-            # broke it, so retry each request alone before failing anyone.
+            self.runner.step(states)
+        except Exception:
             log.exception("batched step failed; isolating")
-            self._isolate_failure(batch, exc)
-            return
-        seconds = time.perf_counter() - t0
-        self.steps_run += 1
-        rows = sum(r.seq.unet_rows for r in batch)
-        keys = {r.seq.cost_key for r in batch}
-        if len(keys) == 1:
-            self.cost.observe(keys.pop(), rows, seconds)
-        else:  # a mixed batch informs the shape's estimate, not any variant's batch sizing
-            self.cost.observe(shape, rows, seconds, reference=False)
-        self.observer.on_step(seconds, sum(r.seq.rows for r in batch), depth)
-        for req in batch:
-            req.seq.steps_done += 1
-            if req.seq.steps_left == 0:
-                with self._cond:
-                    self._live.pop(req.id, None)
-                self._aux.submit(self._decode, req)
+            stepped: list[str] = []
+            failed: dict[str, BaseException] = {}
+            for req, state in zip(batch, states, strict=True):
+                try:
+                    self.runner.step([state])
+                    stepped.append(req.id)
+                except Exception as own:
+                    failed[req.id] = own
+            return StepResult(stepped=tuple(stepped), failed=failed)
+        return StepResult(stepped=plan.batch, seconds=time.perf_counter() - t0)
 
-    def _isolate_failure(self, batch: list[EngineRequest], exc: Exception) -> None:
-        for req in batch:
-            try:
-                self.runner.step([req.tensors])
-            except Exception as own:
-                self._finish(req, "error", own)
-                continue
-            req.seq.steps_done += 1
-            if req.seq.steps_left == 0:
-                with self._cond:
-                    self._live.pop(req.id, None)
-                self._aux.submit(self._decode, req)
+    def _retire(self, plan: StepPlan, batch: list[EngineRequest[S]], result: StepResult, seqs: dict[str, Seq],
+                depth: int) -> None:
+        """Learn the step's cost, then let `planner.update` say who finished or failed."""
+        if not result.failed:
+            rows = sum(r.seq.unet_rows for r in batch if r.seq is not None)
+            keys = {r.seq.cost_key for r in batch if r.seq is not None}
+            if len(keys) == 1:
+                self.cost.observe(keys.pop(), rows, result.seconds)
+            else:  # a mixed batch informs the shape's estimate, not any variant's batch sizing
+                self.cost.observe(plan.shape, rows, result.seconds, reference=False)
+            self.observer.on_step(result.seconds, sum(r.seq.rows for r in batch if r.seq is not None), depth)
+        retired = update(seqs, plan, result)
+        by_id = {req.id: req for req in batch}
+        with self._cond:
+            for sid in retired.finished + retired.failed:
+                self._live.pop(sid, None)
+        for sid in retired.failed:
+            self._finish(by_id[sid], "error", result.failed[sid])
+        for sid in retired.finished:
+            self._aux.submit(self._decode, by_id[sid])
 
     # -- convenience ---------------------------------------------------------------------
-    def generate(self, params: GenerationParams, timeout: float | None = None, kind: str = "generation") -> EngineResult:
+    def generate(self, params: GenerationParams, timeout: float | None = None,
+                 kind: RequestKind = RequestKind.GENERATION) -> EngineResult:
         """Submit and wait (for scripts and tests)."""
         return self.submit(params, kind=kind).future.result(timeout=timeout)
 
     def warmup(self, params: GenerationParams) -> None:
         """Run one full (short) request so the first user does not pay for lazy initialisation."""
-        self.generate(params, timeout=600, kind="warmup")
+        self.generate(params, timeout=600, kind=RequestKind.WARMUP)

@@ -3,10 +3,16 @@
 Built-in names (`tiny-sd`) are materialised to a local directory first and then take the
 same `from_pretrained` path, so tests exercise exactly what production runs. Offline use
 is honoured: `local_files_only=True` (or HF_HUB_OFFLINE=1) never touches the network.
+
+The family is checked against the checkpoint before its weights load where the checkpoint
+is on disk (its `model_index.json` names the pipeline class), and against the loaded
+pipeline otherwise: a DiffusionService that says `family: sdxl` over an SD 1.5 checkpoint
+fails with `FamilyMismatch` naming both, instead of being served as something else.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import warnings
@@ -14,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stepfleet.serving.backbones import resolve_family
 from stepfleet.serving.backends import Backend, resolve_backend, torch_device
 from stepfleet.serving.builtin_models import BUILTIN_MODELS, ensure_builtin
 
@@ -22,19 +29,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class LoadedModel:
-    """A pipeline on its device, plus what the API needs to describe and validate against it."""
+    """A pipeline on its device, and the family it is served as (`serving.backbones`)."""
 
     name: str
     source: str
-    pipeline: Any  # diffusers.StableDiffusionPipeline (or a compatible family)
+    pipeline: Any  # a diffusers DiffusionPipeline of `family`; `backbones.load_backbone` wraps it
     backend: Backend
-    default_size: tuple[int, int]  # (width, height)
-    latent_channels: int
-    vae_scale_factor: int
-
-    @property
-    def device(self):  # -> torch.device
-        return self.pipeline.unet.device
+    family: str
 
 
 def quiet_libraries() -> None:
@@ -69,8 +70,13 @@ def load_model(
     local_files_only: bool | None = None,
     revision: str | None = None,
     cache_dir: str | None = None,
+    family: str = "auto",
 ) -> LoadedModel:
-    """Load `model` (built-in name, local directory or hub id) onto the chosen backend."""
+    """Load `model` (built-in name, local directory or hub id) onto the chosen backend.
+
+    `family` is `auto` (the checkpoint's own) or one of `backbones.FAMILIES`; a checkpoint of
+    another family raises `backbones.FamilyMismatch`.
+    """
     import torch
     from diffusers import DiffusionPipeline
 
@@ -88,22 +94,15 @@ def load_model(
     }
     if revision:
         kwargs["revision"] = revision
+    index = Path(source) / "model_index.json"
+    if is_local and index.is_file():  # refuse a wrong family before loading gigabytes of weights
+        resolve_family(family, json.loads(index.read_text()).get("_class_name", "?"), model)
     log.info("loading %s from %s on %s (%s)", model, source, backend.name, backend.dtype)
     pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
+    served = resolve_family(family, type(pipe).__name__, model)
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(torch_device(backend))
-    for part in ("unet", "vae", "text_encoder"):
+    for part in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
         if getattr(pipe, part, None) is not None:
             getattr(pipe, part).eval()
-    scale = int(getattr(pipe, "vae_scale_factor", 8))
-    sample = pipe.unet.config.sample_size
-    sample = sample if isinstance(sample, int) else sample[0]
-    return LoadedModel(
-        name=model,
-        source=source,
-        pipeline=pipe,
-        backend=backend,
-        default_size=(sample * scale, sample * scale),
-        latent_channels=int(pipe.unet.config.in_channels),
-        vae_scale_factor=scale,
-    )
+    return LoadedModel(name=model, source=source, pipeline=pipe, backend=backend, family=served)

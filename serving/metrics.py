@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from stepfleet.serving.contracts import RequestKind
+
 #: Metric names other components rely on (the operator's observer, dashboards, alerts).
 QUEUE_DEPTH = "stepfleet_queue_depth"
 RUNNING_BATCH = "stepfleet_running_batch_size"
@@ -102,8 +104,8 @@ class WorkerMetrics:
         self.queue_depth.labels(self.pool).set(queue_depth)
 
     def on_finish(self, request, outcome: str) -> None:  # request: EngineRequest
-        kind = request.kind
-        if kind == "warmup":
+        kind = RequestKind(request.kind).value
+        if kind == RequestKind.WARMUP.value:
             return
         self.requests.labels(self.pool, kind, outcome).inc()
         if outcome != "ok":

@@ -74,7 +74,12 @@ class GenerationParams:
     priority: Priority = Priority.NORMAL
     deadline_ms: float | None = None  # relative to arrival; None: the engine derives one
     output_format: str = "png"
-    extra: dict[str, object] = field(default_factory=dict)
+    #: SDXL micro-conditioning (families without it ignore these), in diffusers' (height, width)
+    #: order: the size the image is "taken from" and the target size (None: the request's
+    #: size), and a crop's top-left corner (top, left).
+    original_size: tuple[int, int] | None = None
+    target_size: tuple[int, int] | None = None
+    crop_top_left: tuple[int, int] = (0, 0)
     #: Set for image edits and template registrations; None for plain text-to-image.
     edit: EditSpec | None = None
 

@@ -2,8 +2,9 @@
 
 This is the scheduling brain of the step-level engine, kept pure (no torch, no clock, no
 threads) so the live engine, the benchmark's discrete-event replay and the unit tests all
-run the very same decisions. One call, one step: the engine applies the returned
-`StepPlan`, runs one model call for `plan.batch`, and asks again.
+run the very same decisions. One call, one step: `plan` returns a `StepPlan`, the
+engine applies it and runs one model call for `plan.batch`, and `update(plan, result)`
+advances and retires work — the same three calls in the live engine and in the replay.
 
 Ordering. Candidates (waiting and paused requests) are ranked by priority class, then by
 earliest deadline, then by arrival. A request without an explicit deadline gets one derived
@@ -30,6 +31,7 @@ from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from stepfleet.serving.contracts import StepResult
 from stepfleet.serving.costmodel import StepCostModel
 
 
@@ -265,3 +267,29 @@ def apply_plan(seqs: dict[str, Seq], plan: StepPlan) -> None:
         seqs[sid].phase = Phase.PAUSED
     for sid in plan.batch:
         seqs[sid].phase = Phase.RUNNING
+
+
+@dataclass(frozen=True)
+class Retired:
+    """Who leaves the batch after a step: finished (decode them) and failed (report the error)."""
+
+    finished: tuple[str, ...] = ()
+    failed: tuple[str, ...] = ()
+
+
+def update(seqs: dict[str, Seq], plan: StepPlan, result: StepResult) -> Retired:
+    """Account for one executed step: advance who stepped, retire who finished or failed.
+
+    The one place work leaves the batch, shared by the live engine and the benchmark replay;
+    it removes the retired from `seqs`.
+    """
+    finished: list[str] = []
+    for sid in result.stepped:
+        seq = seqs[sid]
+        seq.steps_done += 1
+        if seq.steps_left <= 0:
+            finished.append(sid)
+    failed = [sid for sid in plan.batch if sid in result.failed]
+    for sid in finished + failed:
+        seqs.pop(sid, None)
+    return Retired(finished=tuple(finished), failed=tuple(failed))

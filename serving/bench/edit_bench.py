@@ -100,7 +100,9 @@ class Bench:
     def __init__(self, cfg: EditBenchConfig, log) -> None:
         from diffusers import StableDiffusionInpaintPipeline
 
+        from stepfleet.serving.backbones import load_backbone
         from stepfleet.serving.edits.cache import TemplateCache
+        from stepfleet.serving.edits.extension import EditExtension
         from stepfleet.serving.loading import load_model
         from stepfleet.serving.runner import ModelRunner
 
@@ -108,7 +110,9 @@ class Bench:
         self.log = log
         self.model = load_model(cfg.model, device="cpu")
         self.cache = TemplateCache(max_bytes=cfg.cache_bytes)
-        self.runner = ModelRunner(self.model, template_cache=self.cache)
+        backbone = load_backbone(self.model)
+        self.edits = EditExtension(backbone, self.cache)
+        self.runner = ModelRunner(backbone, extensions=[self.edits])
         pipe = self.model.pipeline
         self.inpaint = StableDiffusionInpaintPipeline(**pipe.components)
         self.inpaint.set_progress_bar_config(disable=True)
@@ -120,7 +124,7 @@ class Bench:
         self.template = None
 
     def close(self) -> None:
-        self.runner.disable_edits()
+        self.edits.close()
         self.cache.close()
 
     # -- requests ------------------------------------------------------------------------
@@ -128,6 +132,7 @@ class Bench:
         from stepfleet.serving.edits.templates import (
             Template,
             TemplateKey,
+            TemplateState,
             image_digest,
             record_params,
         )
@@ -136,13 +141,13 @@ class Bench:
         key = TemplateKey(c.size, c.size, c.steps, c.scheduler, c.guidance_scale, c.seed)
         t = Template(id=TEMPLATE_ID, key=key, prompt="a template photo", image=self.image,
                      digest=image_digest(self.image))
-        self.runner.templates.add(t)
+        self.edits.add_template(t)
         t0 = time.perf_counter()
-        r = self.runner.prepare(record_params(t), c.seed)
-        for _ in range(c.steps):
+        r = self.runner.prepare(record_params(t), c.seed).state
+        while r.steps_left:
             self.runner.step([r])
         self.runner.decode(r)
-        assert t.state == "ready" and self.runner.template_cached(t.id, c.steps), "template recording failed"
+        assert t.state is TemplateState.READY and self.edits.template_cached(t), "template recording failed"
         self.template = t
         return time.perf_counter() - t0
 
@@ -156,12 +161,14 @@ class Bench:
 
     def runner_edit(self, mask: torch.Tensor, use_cache: bool, output_type: str = "pil", prompt: str = "an edited red car"):
         """One edit alone through the runner, end to end: prepare, steps, decode (+ composite)."""
-        r = self.runner.prepare(self.edit_params(mask, prompt, use_cache), self.cfg.seed)
-        for _ in range(r.num_steps):
+        from stepfleet.serving.contracts import EditPath
+
+        r = self.runner.prepare(self.edit_params(mask, prompt, use_cache), self.cfg.seed).state
+        while r.steps_left:
             self.runner.step([r])
-        want = "cached" if use_cache else "full"
-        assert r.edit_path == want, f"edit ran {r.edit_path}, expected {want}"
-        return r, self.runner.decode(r, output_type=output_type)
+        want = EditPath.CACHED if use_cache else EditPath.FULL
+        assert r.edit_path is want, f"edit ran {r.edit_path}, expected {want}"
+        return r, self.runner.decode(r, output_type=output_type).images
 
     def diffusers_edit(self, mask: torch.Tensor, prompt: str = "an edited red car"):
         c = self.cfg
@@ -184,7 +191,7 @@ class Bench:
             _, ref = self.runner_edit(m, use_cache=False, output_type="np")
             full_s.append(time.perf_counter() - t0)
             r, got = self.runner_edit(m, use_cache=True, output_type="np")
-            got_pil = self.runner.decode(r, output_type="pil")
+            got_pil = self.runner.decode(r, output_type="pil").images
             pm = m.numpy()
             out["masked_psnr_db"][str(ratio)] = masked_psnr(got[0], ref[0], pm)
             out["masked_ssim"][str(ratio)] = masked_ssim(got[0], ref[0], pm)
@@ -220,8 +227,8 @@ class Bench:
         k = c.max_batch
 
         def batch(n: int, ratio: float, use_cache: bool):
-            return [self.runner.prepare(self.edit_params(box_mask(c.size, ratio, rng), f"cost {i}", use_cache), c.seed)
-                    for i in range(n)]
+            return [self.runner.prepare(self.edit_params(box_mask(c.size, ratio, rng), f"cost {i}", use_cache),
+                                        c.seed).state for i in range(n)]
 
         batches: dict[Any, Any] = {("full", 1): batch(1, 0.25, False), ("full", k): batch(k, 0.25, False)}
         cost_ratios = (0.05, 0.25, 0.5)
@@ -237,7 +244,7 @@ class Bench:
 
         step_s = interleaved_min({key: (lambda b=b: one_step(b)) for key, b in batches.items()}, c.cost_reps)
         one = self.edit_params(box_mask(c.size, 0.25), "cost")
-        done = self.runner.prepare(one, c.seed)
+        done = self.runner.prepare(one, c.seed).state
         aux = interleaved_min({"encode": lambda: self.runner.prepare(one, c.seed),
                                 "decode": lambda: self.runner.decode(done)}, c.cost_reps)
         return EditCostTable(
@@ -254,6 +261,7 @@ class Bench:
         return serve_one_at_a_time(trace, lambda r: self.diffusers_edit(self._trace_mask(r), r.prompt))
 
     def live_engine(self, trace: Sequence[EditRequest], use_cache: bool, table: EditCostTable) -> dict[str, Any]:
+        from stepfleet.serving.contracts import RequestKind
         from stepfleet.serving.engine import Engine, EngineConfig
 
         c = self.cfg
@@ -263,14 +271,15 @@ class Bench:
         engine.start()
         submitted = []
         drive(trace, lambda r: submitted.append(
-            engine.submit(self.edit_params(self._trace_mask(r), r.prompt, use_cache), request_id=r.id, kind="edit")))
+            engine.submit(self.edit_params(self._trace_mask(r), r.prompt, use_cache), request_id=r.id, kind=RequestKind.EDIT)))
         results = [req.future.result(timeout=3600) for req in submitted]
         engine.stop(drain=True)
         stats: dict[str, Any] = latency_stats([req.arrival for req in submitted],
                                               [req.arrival + res.total_s for req, res in zip(submitted, results,
                                                                                             strict=True)])
         paths = [res.edit_path for res in results]
-        stats["edit_paths"] = {p: paths.count(p) for p in sorted(set(map(str, paths)))}
+        names = [p.value if p is not None else "none" for p in paths]
+        stats["edit_paths"] = {p: names.count(p) for p in sorted(set(names))}
         return stats
 
 

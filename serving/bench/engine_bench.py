@@ -23,7 +23,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stepfleet.serving.bench.live import drive, isolated, serve_one_at_a_time
 from stepfleet.serving.bench.replay import CostTable, fifo_capacity_rps, replay_engine, replay_fifo
@@ -38,6 +38,11 @@ from stepfleet.serving.calibration import curve_steps, interleaved_min
 from stepfleet.serving.engine import Engine, EngineConfig
 from stepfleet.serving.params import GenerationParams
 from stepfleet.serving.planner import PlannerConfig
+
+if TYPE_CHECKING:
+    from stepfleet.serving.engine import EngineResult
+    from stepfleet.serving.loading import LoadedModel
+    from stepfleet.serving.runner import ModelRunner
 
 LOADS = (0.7, 0.9, 1.1)
 POLICIES = ("fifo", "static", "continuous")
@@ -67,7 +72,7 @@ def _params(r: TraceRequest, cfg: BenchConfig) -> GenerationParams:
     )
 
 
-def measure_costs(model: Any, runner: Any, cfg: BenchConfig, quick: bool) -> CostTable:
+def measure_costs(model: LoadedModel, runner: ModelRunner, cfg: BenchConfig, quick: bool) -> CostTable:
     """The step-cost table the replay uses, measured now on this machine.
 
     Batches are measured as the live engine runs them (`calibration.curve_steps`: k requests
@@ -89,7 +94,7 @@ def measure_costs(model: Any, runner: Any, cfg: BenchConfig, quick: bool) -> Cos
     }
     one = GenerationParams(prompt="cost", width=cfg.size, height=cfg.size, num_inference_steps=10,
                            guidance_scale=cfg.guidance_scale)
-    done = runner.prepare(one, 0)
+    done = runner.prepare(one, 0).state
     fns["encode"] = lambda: runner.prepare(one, 0)
     fns["decode"] = lambda: runner.decode(done)
 
@@ -120,7 +125,7 @@ def measure_costs(model: Any, runner: Any, cfg: BenchConfig, quick: bool) -> Cos
                      fifo_overhead_s=max(0.0, t10 - 10 * fifo_step))
 
 
-def run_live_fifo(model: Any, trace: Sequence[TraceRequest], cfg: BenchConfig) -> dict[str, float]:
+def run_live_fifo(model: LoadedModel, trace: Sequence[TraceRequest], cfg: BenchConfig) -> dict[str, float]:
     """One pipeline call at a time, FCFS, requests arriving on the trace's clock."""
     import torch
 
@@ -141,9 +146,9 @@ def run_live_fifo(model: Any, trace: Sequence[TraceRequest], cfg: BenchConfig) -
 
 
 def run_live_engine(
-    runner: Any, trace: Sequence[TraceRequest], cfg: BenchConfig, policy: str, table: CostTable,
+    runner: ModelRunner, trace: Sequence[TraceRequest], cfg: BenchConfig, policy: str, table: CostTable,
     keep_latents: bool = False,
-) -> tuple[dict[str, float], list[tuple[TraceRequest, Any]]]:
+) -> tuple[dict[str, float], list[tuple[TraceRequest, EngineResult]]]:
     # Calibrated with this run's table, as a worker calibrates itself after warm-up.
     engine = Engine(runner, EngineConfig(max_batch=cfg.max_batch, max_queue=10_000, policy=policy,
                                          static_wait_s=cfg.static_wait_s, slo_scale=cfg.slo_scale),
@@ -159,12 +164,12 @@ def run_live_engine(
     return latency_stats(arrivals, finishes), results
 
 
-def solo_vs_mixed(runner: Any, results: Sequence[tuple[TraceRequest, Any]], cfg: BenchConfig) -> float:
+def solo_vs_mixed(runner: ModelRunner, results: Sequence[tuple[TraceRequest, EngineResult]], cfg: BenchConfig) -> float:
     """Largest relative difference between a request's latents in the live run and alone."""
     worst = 0.0
     for r, res in list(results)[: cfg.solo_checks]:
-        t = runner.prepare(_params(r, cfg), r.seed)
-        for _ in range(r.steps):
+        t = runner.prepare(_params(r, cfg), r.seed).state
+        while t.steps_left:
             runner.step([t])
         solo = t.latents.detach().to("cpu")
         worst = max(worst, float((res.latents - solo).abs().max() / solo.abs().max()))
@@ -172,14 +177,15 @@ def solo_vs_mixed(runner: Any, results: Sequence[tuple[TraceRequest, Any]], cfg:
 
 
 def run(cfg: BenchConfig, quick: bool, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict[str, Any]:
+    from stepfleet.serving.backbones import load_backbone
     from stepfleet.serving.loading import load_model
     from stepfleet.serving.runner import ModelRunner
 
     t_start = time.monotonic()
 
-    def load_and_measure() -> tuple[Any, Any, CostTable]:
+    def load_and_measure() -> tuple[LoadedModel, ModelRunner, CostTable]:
         model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
-        runner = ModelRunner(model)
+        runner = ModelRunner(load_backbone(model))
         log(f"measuring step costs on {model.backend.name} ({model.backend.dtype}) ...")
         return model, runner, measure_costs(model, runner, cfg, quick)
 
@@ -228,6 +234,7 @@ def run(cfg: BenchConfig, quick: bool, log=lambda msg: print(msg, file=sys.stder
     out = {
         "benchmark": "engine",
         "model": cfg.model,
+        "family": model.family,
         "device": model.backend.name,
         "dtype": model.backend.dtype,
         "size": f"{cfg.size}x{cfg.size}",

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 from stepfleet.serving.bench.trace import TraceRequest, latency_stats
 from stepfleet.serving.costmodel import StepCostModel
-from stepfleet.serving.planner import PlannerConfig, Seq, StepPlanner, apply_plan
+from stepfleet.serving.contracts import StepResult
+from stepfleet.serving.planner import PlannerConfig, Seq, StepPlanner, apply_plan, update
 
 
 @dataclass(frozen=True)
@@ -128,14 +129,11 @@ def simulate_step_loop(
             now = max(now, min(nxt))
             continue
         apply_plan(seqs, plan)
-        now += step_s(plan.batch)
-        for sid in plan.batch:
-            seq = seqs[sid]
-            seq.steps_done += 1
-            if seq.steps_left == 0:
-                now += decode_s
-                finishes[sid] = now
-                del seqs[sid]
+        seconds = step_s(plan.batch)
+        now += seconds
+        for sid in update(seqs, plan, StepResult(stepped=plan.batch, seconds=seconds)).finished:
+            now += decode_s
+            finishes[sid] = now
     ids = sorted(finishes)
     return latency_stats([arrivals[k] for k in ids], [finishes[k] for k in ids])
 

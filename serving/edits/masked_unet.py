@@ -38,9 +38,10 @@ the UNet behaves exactly as before. Per call, the runner passes one entry per UN
 `expand_rows(plan, n, cfg, template_rows)` turns a request's plan into its rows in
 `ModelRunner.step`'s order (uncond×n, then cond×n). Rows of any kinds, templates and mask
 ratios mix in one call; edit rows are gathered with padding to the largest mask. Before the
-call, `missing(rows)` names template steps no longer cached (the runner then falls back to
-full compute for that request); after it, the next step of every edited template is
-prefetched from disk. All rows of one recorded (template, step) must be in the same call.
+call, `fetch(rows)` takes the cached entries the edits need and names those no longer cached
+(the edits extension then falls back to full compute for that request); `active(rows,
+entries)` wraps the UNet call, and on leaving stores recordings and prefetches the next step
+of every edited template. All rows of one recorded (template, step) must be in the same call.
 
 Supported: continuous-input `Transformer2DModel`s with layer-norm `BasicTransformerBlock`s
 (SD 1.x/2.x and the tiny test model). Not thread-safe: one UNet call at a time (the step loop).
@@ -49,7 +50,8 @@ Supported: continuous-input `Transformer2DModel`s with layer-norm `BasicTransfor
 from __future__ import annotations
 
 import types
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -80,6 +82,8 @@ class EditRow:
 
 
 Row = RecordRow | EditRow | None
+#: Cached tensors by (template id, step), as `TemplateCache.get` returns them.
+Entries = dict[tuple[str, int], dict[str, torch.Tensor]]
 
 
 def expand_rows(
@@ -236,11 +240,61 @@ class MaskedUNet:
         self._installed.clear()
         self.unet._stepfleet_masked = None
 
-    # -- the per-call entry point ---------------------------------------------------------
-    def missing(self, rows: Sequence[Row]) -> set[tuple[str, int]]:
-        """(template, step) entries the edit rows need that the cache does not hold."""
-        keys = {(r.template_id, r.step) for r in rows if isinstance(r, EditRow)}
-        return {k for k in keys if k not in self.cache}
+    # -- the per-call entry points --------------------------------------------------------
+    def fetch(self, rows: Sequence[Row]) -> tuple[Entries, set[tuple[str, int]]]:
+        """The cached entries the edit rows need, and the (template, step) keys that are gone.
+
+        The entries are held by reference from here on, so a concurrent eviction cannot take
+        them away between this check and the call that uses them.
+        """
+        entries: Entries = {}
+        missing: set[tuple[str, int]] = set()
+        for r in rows:
+            key = (r.template_id, r.step) if isinstance(r, EditRow) else None
+            if key is None or key in entries or key in missing:
+                continue
+            got = self.cache.get(*key)
+            if got is None:
+                missing.add(key)
+            else:
+                entries[key] = got
+        return entries, missing
+
+    @contextmanager
+    def active(self, rows: Sequence[Row], entries: Entries | None = None) -> Iterator[None]:
+        """Make the next UNet call(s) inside this block run `rows` (one plan per row of the batch).
+
+        On leaving, recorded rows are stored in the cache and the next step of every edited
+        template is prefetched.
+        """
+        rows = list(rows)
+        if entries is None:
+            entries, missing = self.fetch(rows)
+            if missing:
+                raise TemplateMissingError(sorted(missing)[0])
+        if all(r is None for r in rows):
+            yield
+            return
+        call = _Call(
+            rows=rows,
+            edit=[i for i, r in enumerate(rows) if isinstance(r, EditRow)],
+            full=[i for i, r in enumerate(rows) if not isinstance(r, EditRow)],
+            entries=entries,
+        )
+        self._call = call
+        try:
+            yield
+        finally:
+            self._call = None
+        for (tid, step), named in call.sinks.items():
+            tensors = {}
+            for name, by_row in named.items():
+                if sorted(by_row) != list(range(len(by_row))):
+                    raise ValueError(f"recorded rows of {tid!r} step {step} must be 0..R-1, got {sorted(by_row)}")
+                tensors[name] = torch.stack([by_row[i] for i in range(len(by_row))])
+            self.cache.put(tid, step, tensors)
+        for tid, step in entries:
+            self.cache.prefetch(tid, step + 1)
 
     @torch.inference_mode()
     def __call__(
@@ -254,51 +308,9 @@ class MaskedUNet:
         """One UNet call; returns the noise prediction. `rows` aligns with `sample`'s batch (None: all full)."""
         if rows is not None and len(rows) != sample.shape[0]:
             raise ValueError(f"{len(rows)} row plans for a batch of {sample.shape[0]}")
-        if rows is None or all(r is None for r in rows):
-            return self.unet(
-                sample,
-                timestep,
-                encoder_hidden_states=encoder_hidden_states,
-                return_dict=False,
-                **unet_kwargs,
-            )[0]
-        rows = list(rows)
-        entries: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
-        for r in rows:
-            if isinstance(r, EditRow) and (r.template_id, r.step) not in entries:
-                got = self.cache.get(r.template_id, r.step)
-                if got is None:
-                    raise TemplateMissingError((r.template_id, r.step))
-                entries[(r.template_id, r.step)] = got
-        call = _Call(
-            rows=rows,
-            edit=[i for i, r in enumerate(rows) if isinstance(r, EditRow)],
-            full=[i for i, r in enumerate(rows) if not isinstance(r, EditRow)],
-            entries=entries,
-        )
-        self._call = call
-        try:
-            out = self.unet(
-                sample,
-                timestep,
-                encoder_hidden_states=encoder_hidden_states,
-                return_dict=False,
-                **unet_kwargs,
-            )[0]
-        finally:
-            self._call = None
-        for (tid, step), named in call.sinks.items():
-            tensors = {}
-            for name, by_row in named.items():
-                if sorted(by_row) != list(range(len(by_row))):
-                    raise ValueError(
-                        f"recorded rows of {tid!r} step {step} must be 0..R-1, got {sorted(by_row)}"
-                    )
-                tensors[name] = torch.stack([by_row[i] for i in range(len(by_row))])
-            self.cache.put(tid, step, tensors)
-        for tid, step in entries:
-            self.cache.prefetch(tid, step + 1)
-        return out
+        with self.active(rows if rows is not None else [None] * sample.shape[0]):
+            return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False,
+                             **unet_kwargs)[0]
 
     # -- the Transformer2DModel wrapper ---------------------------------------------------
     def _make_forward(self, name: str, original: Any, procs: list[_SelfAttention]):

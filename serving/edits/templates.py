@@ -15,12 +15,19 @@ the oldest template beyond `max_templates` is forgotten (and dropped from the ca
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
+
+
+class TemplateState(enum.Enum):
+    RECORDING = "recording"  # its RECORD run has not finished
+    READY = "ready"  # recorded: edits with its key take the cached path
+    FAILED = "failed"  # its RECORD run failed
 
 
 @dataclass(frozen=True)
@@ -62,8 +69,7 @@ class Template:
     image: Any  # PIL RGB image, the template's pixels (kept exactly outside every edit's mask)
     digest: str
     created: int = field(default_factory=lambda: int(time.time()))
-    #: "recording" until its RECORD run finished, then "ready"; "failed" if that run failed.
-    state: str = "recording"
+    state: TemplateState = TemplateState.RECORDING
     error: str | None = None
     #: Set by the runner during the RECORD run (CPU tensors): image latents, and the latents
     #: an edit must have outside its mask before step i (noised[i]) and at the end (noised[-1]).
@@ -76,7 +82,7 @@ class Template:
             "id": self.id,
             "object": "template",
             "created": self.created,
-            "status": self.state,
+            "status": self.state.value,
             "cached": cached,
             "prompt": self.prompt,
             **self.key.as_dict(),
@@ -114,7 +120,7 @@ class TemplateRegistry:
         """The newest ready template of this image (with this key, when given)."""
         with self._lock:
             for t in reversed(self._by_id.values()):
-                if t.digest == digest and t.state == "ready" and (key is None or t.key == key):
+                if t.digest == digest and t.state is TemplateState.READY and (key is None or t.key == key):
                     return t
         return None
 

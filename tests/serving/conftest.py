@@ -19,10 +19,17 @@ def tiny_model():
 
 
 @pytest.fixture(scope="session")
-def runner(tiny_model):
+def tiny_backbone(tiny_model):
+    from stepfleet.serving.backbones import load_backbone
+
+    return load_backbone(tiny_model)
+
+
+@pytest.fixture(scope="session")
+def runner(tiny_backbone):
     from stepfleet.serving.runner import ModelRunner
 
-    return ModelRunner(tiny_model)
+    return ModelRunner(tiny_backbone)
 
 
 def free_port() -> int:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
+from stepfleet.serving.contracts import Decoded, Prepared
+
 
 @dataclass
 class FakeTensors:
@@ -24,6 +26,8 @@ class FakeTensors:
 
 
 class FakeRunner:
+    device_type = "fake"  # not a CPU: auxiliary work runs on its own thread
+
     def __init__(self, step_s: float = 0.005, fail_prompt: str = "boom", fail_step_prompt: str = "crash") -> None:
         self.step_s = step_s
         self.fail_prompt = fail_prompt
@@ -39,7 +43,10 @@ class FakeRunner:
     def prepare(self, params, seed):
         if params.prompt == self.fail_prompt:
             raise ValueError("cannot encode this prompt")
-        return FakeTensors(params.prompt, params.num_inference_steps, params.n, self.latent_shape(params.width, params.height))
+        shape = self.latent_shape(params.width, params.height)
+        state = FakeTensors(params.prompt, params.num_inference_steps, params.n, shape)
+        rows = params.n * (2 if params.guidance_scale > 1 else 1)
+        return Prepared(state=state, shape=shape, unet_rows=rows, steps=params.num_inference_steps)
 
     def step(self, batch):
         self.gate.wait()
@@ -51,14 +58,14 @@ class FakeRunner:
         for t in batch:
             t.done += 1
 
-    def decode(self, tensors):
+    def decode(self, tensors, keep_latents=False):
         assert tensors.done == tensors.steps, "decoded before the last step"
         images = []
         for i in range(tensors.n):
             img = Image.new("RGB", (8, 8))
             img.info["label"] = f"{tensors.prompt}#{i}"
             images.append(img)
-        return images
+        return Decoded(images=images)
 
 
 def labels(result) -> list[str]:

@@ -127,7 +127,7 @@ def test_no_cfg_edit_of_a_cfg_template_uses_the_conditional_row(mu):
 def test_missing_template_is_reported_and_raises(mu):
     x, e = inputs(11, rows=1)
     rows = [EditRow("nope", 0, box_mask(0, 2, 0, 2))]
-    assert mu.missing(rows) == {("nope", 0)}
+    assert mu.fetch(rows) == ({}, {("nope", 0)})
     with pytest.raises(TemplateMissingError):
         mu(x, torch.tensor([10.0]), e, rows=rows)
 

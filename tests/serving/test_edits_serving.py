@@ -2,6 +2,7 @@
 
 Templates are registered by a RECORD run; an edit with the template's settings runs on the
 cached activations ("cached"), any other by full compute ("full"), both inpainting-style.
+Every test runs for each family with masked compute (SD 1.x and SDXL).
 """
 
 from __future__ import annotations
@@ -11,22 +12,31 @@ import pytest
 import torch
 from PIL import Image
 
+from stepfleet.serving.backbones import load_backbone
+from stepfleet.serving.contracts import EditPath, RequestKind
 from stepfleet.serving.edits.cache import TemplateCache
-from stepfleet.serving.edits.templates import Template, TemplateKey, image_digest, record_params
+from stepfleet.serving.edits.extension import EditExtension
+from stepfleet.serving.edits.templates import Template, TemplateKey, TemplateState, image_digest, record_params
 from stepfleet.serving.engine import Engine, EngineConfig
+from stepfleet.serving.loading import load_model
 from stepfleet.serving.params import EditSpec, GenerationParams
 from stepfleet.serving.runner import ModelRunner
 
 SIZE = 128
 STEPS = 4
+CACHED, FULL = EditPath.CACHED, EditPath.FULL
 
 
-@pytest.fixture(scope="module")
-def edit_runner(tiny_model):
+@pytest.fixture(scope="module", params=["tiny-sd", "tiny-sdxl"])
+def edit_runner(request, tiny_model):
+    model = tiny_model if request.param == "tiny-sd" else load_model(request.param, device="cpu")
+    backbone = load_backbone(model)
     cache = TemplateCache(max_bytes=256 << 20)
-    r = ModelRunner(tiny_model, template_cache=cache)
+    edits = EditExtension(backbone, cache)
+    r = ModelRunner(backbone, extensions=[edits])
+    r.edits = edits  # for the tests' convenience
     yield r
-    r.disable_edits()
+    edits.close()
     cache.close()
 
 
@@ -46,12 +56,12 @@ def register(runner, tid="t1", seed=3, guidance=7.5, scheduler="ddim", image=Non
     image = image or template_image()
     key = TemplateKey(SIZE, SIZE, STEPS, scheduler, guidance, seed)
     t = Template(id=tid, key=key, prompt="a template", image=image, digest=image_digest(image))
-    runner.templates.add(t)
-    r = runner.prepare(record_params(t), seed)
+    runner.edits.add_template(t)
+    r = runner.prepare(record_params(t), seed).state
     for _ in range(STEPS):
         runner.step([r])
-    runner.decode(r)
-    assert t.state == "ready" and runner.template_cached(tid, STEPS)
+    assert runner.decode(r).images == []
+    assert t.state is TemplateState.READY and runner.edits.template_cached(t)
     return t
 
 
@@ -62,8 +72,8 @@ def edit(tid, mask, prompt="an edit", seed=3, guidance=7.5, scheduler="ddim", us
 
 
 def solo(runner, params):
-    r = runner.prepare(params, params.seed)
-    for _ in range(r.num_steps or params.num_inference_steps):
+    r = runner.prepare(params, params.seed).state
+    while r.steps_left:
         runner.step([r])
     return r
 
@@ -77,8 +87,10 @@ def test_all_edit_mask_cached_equals_full_compute(edit_runner):
     everything = torch.ones(SIZE, SIZE, dtype=torch.bool)
     cached = solo(edit_runner, edit("full-mask", everything))
     full = solo(edit_runner, edit("full-mask", everything, use_cache=False))
-    assert cached.edit_path == "cached" and full.edit_path == "full"
+    assert cached.edit_path is CACHED and full.edit_path is FULL
     assert rel(cached.latents, full.latents) <= 1e-4
+    # ... and the edit is not the template: the prompt changed what was computed.
+    assert rel(cached.latents, edit_runner.edits.templates.get("full-mask").latents) > 0.05
 
 
 def test_template_pixels_kept_exactly_outside_the_mask(edit_runner):
@@ -86,8 +98,8 @@ def test_template_pixels_kept_exactly_outside_the_mask(edit_runner):
     mask = box_mask(0.25)
     for params in (edit("exact", mask), edit("exact", mask, guidance=3.0)):  # cached, then a settings mismatch
         r = solo(edit_runner, params)
-        assert r.edit_path == ("cached" if params.guidance_scale == 7.5 else "full")
-        out = np.asarray(edit_runner.decode(r)[0])
+        assert r.edit_path is (CACHED if params.guidance_scale == 7.5 else FULL)
+        out = np.asarray(edit_runner.decode(r).images[0])
         base = np.asarray(t.image)
         outside = ~mask.numpy()
         assert np.array_equal(out[outside], base[outside])
@@ -96,18 +108,18 @@ def test_template_pixels_kept_exactly_outside_the_mask(edit_runner):
 
 def test_evicted_template_falls_back_to_full_compute(edit_runner):
     register(edit_runner, "evicted")
-    edit_runner.cache.drop("evicted")
+    edit_runner.edits.cache.drop("evicted")
     r = solo(edit_runner, edit("evicted", box_mask(0.1)))
-    assert r.edit_path == "full"
+    assert r.edit_path is FULL
     # Evicted mid-run: the remaining steps run in full, and say so.
     register(edit_runner, "midway")
-    r = edit_runner.prepare(edit("midway", box_mask(0.1)), 3)
-    assert r.edit_path == "cached"
+    r = edit_runner.prepare(edit("midway", box_mask(0.1)), 3).state
+    assert r.edit_path is CACHED
     edit_runner.step([r])
-    edit_runner.cache.drop("midway")
+    edit_runner.edits.cache.drop("midway")
     for _ in range(STEPS - 1):
         edit_runner.step([r])
-    assert r.edit_path == "full"
+    assert r.edit_path is FULL
 
 
 def test_edits_and_generations_in_one_engine_batch_equal_their_solo_runs(edit_runner):
@@ -132,12 +144,13 @@ def test_edits_and_generations_in_one_engine_batch_equal_their_solo_runs(edit_ru
     edit_runner.step = recording_step
     try:
         engine.start()
-        futures = [engine.submit(p, kind="edit" if p.edit else "generation").future for p in requests]
+        futures = [engine.submit(p, kind=RequestKind.EDIT if p.edit else RequestKind.GENERATION).future
+                   for p in requests]
         results = [f.result(timeout=120) for f in futures]
     finally:
         engine.stop(drain=False, timeout=5)
         del edit_runner.step
     assert max(batches) == len(requests)  # all four shared steps
-    assert [r.edit_path for r in results] == ["cached", "cached", None, "full"]
+    assert [r.edit_path for r in results] == [CACHED, CACHED, None, FULL]
     for got, want in zip(results, expected, strict=True):
         assert rel(got.latents, want) < 1e-4

@@ -164,9 +164,9 @@ class ThreadRecordingRunner(FakeRunner):
         self.threads["step"].add(threading.get_ident())
         super().step(batch)
 
-    def decode(self, tensors):
+    def decode(self, tensors, keep_latents=False):
         self.threads["decode"].add(threading.get_ident())
-        return super().decode(tensors)
+        return super().decode(tensors, keep_latents)
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@ def gp(prompt="a red cat", steps=6, scheduler=None, n=1, guidance=7.5, seed=0, n
 
 
 def run_solo(runner, params, seed):
-    r = runner.prepare(params, seed)
+    r = runner.prepare(params, seed).state
     for _ in range(params.num_inference_steps):
         runner.step([r])
     return r
@@ -41,7 +41,7 @@ def test_single_request_equals_diffusers_pipeline(runner, tiny_model, scheduler)
                         generator=torch.Generator().manual_seed(11), output_type="np").images
     finally:
         pipe.scheduler = original
-    ours = runner.decode(run_solo(runner, params, seed=11), output_type="np")
+    ours = runner.decode(run_solo(runner, params, seed=11), output_type="np").images
     assert ours.shape == expected.shape == (2, SIZE, SIZE, 3)
     np.testing.assert_allclose(ours, expected, atol=TOL)
 
@@ -54,8 +54,8 @@ def test_mixed_batch_equals_solo(runner):
         gp("two at once", steps=7, scheduler="lcm", n=2, guidance=3.0, seed=6),
     ]
     solo = run_solo(runner, target, 3).latents.clone()
-    mixed = runner.prepare(target, 3)
-    companions = [runner.prepare(p, p.seed) for p in others]
+    mixed = runner.prepare(target, 3).state
+    companions = [runner.prepare(p, p.seed).state for p in others]
     for i in range(target.num_inference_steps):
         # Companions join and leave at different steps, so the batch changes every step.
         batch = [mixed] + [c for j, c in enumerate(companions) if j <= i and c.step_index < len(c.timesteps)]
@@ -67,11 +67,11 @@ def test_mixed_batch_equals_solo(runner):
 def test_paused_and_resumed_equals_uninterrupted(runner):
     target = gp("paused", steps=8, scheduler="dpmpp_2m", seed=9)
     reference = run_solo(runner, target, 9).latents.clone()
-    r = runner.prepare(target, 9)
+    r = runner.prepare(target, 9).state
     for _ in range(3):
         runner.step([r])
     # Paused: other requests run several steps; this one's tensors and scheduler are untouched.
-    intruder = runner.prepare(gp("urgent", steps=4, scheduler="dpmpp_2m", seed=1), 1)
+    intruder = runner.prepare(gp("urgent", steps=4, scheduler="dpmpp_2m", seed=1), 1).state
     for _ in range(4):
         runner.step([intruder])
     for _ in range(5):
