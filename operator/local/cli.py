@@ -25,12 +25,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from stepfleet.operator.loop import observe
+from stepfleet.serving.builtin_models import BUILTIN_MODELS
 
 from . import fleet, processes, supervise
 
 #: Seconds between two supervision passes (exits, readiness, actions).
 TICK_S = 0.25
-BUILTIN_MODELS = ("tiny-sd", "sd15-random")
 
 
 def _say(message: str) -> None:
