@@ -36,8 +36,10 @@ REASON_ACTION_FAILED = "ActionFailed"
 REASON_INSUFFICIENT_CAPACITY = "InsufficientCapacity"
 REASON_CAPACITY_AVAILABLE = "CapacityAvailable"
 REASON_MODE_CHANGED = "ModeChanged"
+#: A pool's workers answer `/readyz` with `failed` (e.g. a family that does not match the checkpoint).
+REASON_MODEL_LOAD_FAILED = "ModelLoadFailed"
 #: Degraded reasons the loop sets; a reconcile keeps them unless it finds a blocker.
-LOOP_DEGRADED_REASONS = (REASON_OBSERVATION_FAILED, REASON_ACTION_FAILED)
+LOOP_DEGRADED_REASONS = (REASON_OBSERVATION_FAILED, REASON_ACTION_FAILED, REASON_MODEL_LOAD_FAILED)
 #: Degraded reasons of children that cannot exist; they outrank the loop's.
 BLOCKER_REASONS = (REASON_KARPENTER_UNAVAILABLE, REASON_CHILD_CONFLICT)
 

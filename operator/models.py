@@ -10,7 +10,9 @@ Field names are camelCase on the wire (Kubernetes convention) and snake_case in 
 Defaults live here, not in the CRD: the API server never bakes them into stored objects,
 so a newer operator can change a default without a storage migration.
 
-This module imports neither kopf nor kubernetes, so the policy and the simulator may use it.
+This module imports neither kopf nor kubernetes, so the policy and the simulator may use it
+(nor torch: the list of model families comes from `stepfleet.serving.backbones`' torch-free
+top level).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
+
+from stepfleet.serving.backbones import FAMILIES
 
 API_GROUP = "stepfleet.io"
 API_VERSION = "v1alpha1"
@@ -30,6 +34,8 @@ SHORT_NAMES = ("dfs",)
 #: Upper bound on pools per service; keeps CEL list rules within the API server's cost budget.
 MAX_POOLS = 16
 
+#: Families a worker has a backbone for (the data plane's list, torch-free to import).
+Family = Literal[FAMILIES]  # type: ignore[valid-type]
 AcceleratorType = Literal["nvidia-gpu", "aws-neuron", "google-tpu", "cpu"]
 Mode = Literal["auto", "cost", "capacity"]
 #: Kubernetes quantities ("2", "500m", "16Gi") arrive as int or string.
@@ -63,8 +69,13 @@ class ModelSpec(_Model):
     revision: str | None = Field(
         default=None, max_length=128, description="Hub revision (branch, tag or commit) for `hf://` sources."
     )
-    family: Literal["sd15", "sd2", "sdxl", "sd3", "pixart"] = Field(
-        default="sd15", description="Pipeline family, which fixes latent shapes and the backbone."
+    family: Family = Field(
+        default="sd15",
+        description=(
+            "Pipeline family, which fixes latent shapes and the worker's backbone: one a worker serves "
+            "(an unknown family is refused). A checkpoint of another family fails the workers' "
+            "readiness, reported as Degraded/ModelLoadFailed."
+        ),
     )
     dtype: Literal["float16", "bfloat16", "float32"] = Field(
         default="float16", description="Weight dtype on the accelerator (CPU pools always run float32)."
@@ -367,6 +378,13 @@ class ControlLoopStatus(_Model):
     )
     reasons: list[str] = Field(default_factory=list, max_length=32, description="Why the last plan is what it is.")
     last_error: str | None = Field(default=None, description="Why the last observation or action failed, if it did.")
+    model_load_failures: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "Pools whose workers gave up loading the model (their /readyz answers `failed`), "
+            "with the workers' error, e.g. a family that does not match the checkpoint."
+        ),
+    )
 
 
 class DiffusionServiceStatus(_Model):

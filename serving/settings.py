@@ -1,49 +1,97 @@
-"""A worker's settings: one validated object, built from CLI flags or by tests."""
+"""A worker's settings: one validated object, the contract between the operator and a worker.
+
+`WorkerSettings` is what `stepfleet worker` parses and what the operator renders into a
+pod's command (`to_argv`), so the two sides share one definition: the command-line flags are
+built from the fields (`argument_parser`), a field's description is its `--help` text, and
+`from_argv(s.to_argv()) == s` holds for every valid `s` (tested). A setting the worker
+would not read cannot be written, because there is nowhere else to write it.
+
+Flags follow the field names (`max_batch` → `--max-batch`). A boolean flag has both forms
+(`--warmup`/`--no-warmup`); `to_argv` writes the one that differs from the default. A
+field that is None renders as nothing (every such field defaults to None).
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+import argparse
+import types
+import typing
+from collections.abc import Collection, Sequence
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from stepfleet.serving.backbones import FAMILIES
 from stepfleet.serving.backends import BACKENDS
+
+#: `auto` (the checkpoint's own, from its `model_index.json`) or a family a backbone serves.
+Family = Literal[("auto", *FAMILIES)]  # type: ignore[valid-type]
+
+
+class InvalidSettings(ValueError):
+    """Flags that do not make valid settings; the message names the flags."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Raises `InvalidSettings` instead of exiting, so callers (and tests) choose what to do."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise InvalidSettings(message)
 
 
 class WorkerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: str = "tiny-sd"
-    #: Name clients use in `model`; defaults to `model` (or its directory name).
-    served_model_name: str | None = None
-    revision: str | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    local_files_only: bool | None = None
-    pool: str = "local"
-    host: str = "127.0.0.1"
+    model: str = Field(default="tiny-sd", description="built-in name, local directory or hub id")
+    served_model_name: str | None = Field(
+        default=None, description="name clients send as `model` (default: --model, or its directory name)"
+    )
+    revision: str | None = Field(default=None, description="hub revision (branch, tag or commit)")
+    family: Family = Field(
+        default="auto",
+        description="model family (auto: from the checkpoint's model_index.json); a mismatch fails readiness",
+    )
+    device: str = Field(default="auto", description=f"auto, {', '.join(BACKENDS[:-1])} or {BACKENDS[-1]}")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        default="auto", description="weight dtype (auto: half precision on accelerators, float32 on a CPU)"
+    )
+    local_files_only: bool | None = Field(
+        default=None, description="never contact a model hub (default: only when HF_HUB_OFFLINE=1 or a local model)"
+    )
+    pool: str = Field(default="local", description="pool name used as the `pool` metric label")
+    host: str = Field(default="127.0.0.1", description="address to listen on (0.0.0.0 in a container)")
     port: int = Field(default=8001, ge=0, le=65535)
-    max_batch: int = Field(default=4, ge=1, le=256)
-    max_queue: int = Field(default=64, ge=1)
-    preemption: bool = True
-    policy: str = "continuous"
+    max_batch: int = Field(default=4, ge=1, le=256, description="images per denoising step")
+    max_queue: int = Field(default=64, ge=1, description="queued requests before answering 429")
+    preemption: bool = Field(default=True, description="let urgent requests overtake at step boundaries")
+    policy: str = Field(default="continuous", description="continuous or static batching")
     slo_scale: float = Field(default=4.0, gt=0)
-    #: Where prompt encoding and VAE decoding run; see `serving.auxwork`.
-    aux: Literal["auto", "inline", "thread"] = "auto"
+    aux: Literal["auto", "inline", "thread"] = Field(
+        default="auto",
+        description="where prompt encoding and VAE decoding run (auto: between steps on the CPU); see serving.auxwork",
+    )
     max_image_size: int = Field(default=1024, ge=64)
     max_images: int = Field(default=8, ge=1)
     max_steps: int = Field(default=200, ge=1, le=1000)
     default_steps: int = Field(default=20, ge=1)
     default_guidance_scale: float = 7.5
-    #: Run one short request before reporting ready, so the first client pays no warm-up.
-    warmup: bool = True
+    warmup: bool = Field(
+        default=True, description="run one short request before reporting ready, so the first client pays no warm-up"
+    )
     graceful_shutdown_s: float = Field(default=60.0, ge=0)
-    template_cache_bytes: int = Field(default=2 * 1024**3, ge=0)
-    #: Template activations spill here (safetensors) when memory is full; 0 disables the disk tier.
-    template_disk_bytes: int = Field(default=0, ge=0)
-    #: Spill directory; None: a temporary directory, removed at shutdown.
-    template_dir: str | None = None
-    #: Largest accepted multipart upload (edits, templates); larger is 413.
-    max_upload_bytes: int = Field(default=32 * 1024**2, ge=1024)
+    template_cache_bytes: int = Field(
+        default=2 * 1024**3, ge=0,
+        description="host memory for template activations (edits); least recently used spill or go",
+    )
+    template_disk_bytes: int = Field(
+        default=0, ge=0, description="disk (safetensors) for spilled template activations (0: no disk tier)"
+    )
+    template_dir: str | None = Field(
+        default=None, description="spill directory (default: a temporary one, removed at exit)"
+    )
+    max_upload_bytes: int = Field(
+        default=32 * 1024**2, ge=1024, description="largest accepted multipart upload (edits, templates); larger is 413"
+    )
 
     @field_validator("device")
     @classmethod
@@ -63,3 +111,88 @@ class WorkerSettings(BaseModel):
         if self.served_model_name:
             return self.served_model_name
         return self.model.rstrip("/").split("/")[-1]
+
+    # --- the command line ---------------------------------------------------------------------
+
+    @classmethod
+    def argument_parser(
+        cls, prog: str = "stepfleet worker", parents: Sequence[argparse.ArgumentParser] = ()
+    ) -> argparse.ArgumentParser:
+        """`stepfleet worker`'s parser, one flag per field; errors raise `InvalidSettings`."""
+        ap = _Parser(prog=prog, description="Serve a diffusion model over HTTP.", parents=list(parents),
+                     allow_abbrev=False, argument_default=argparse.SUPPRESS)
+        for name, field in cls.model_fields.items():
+            kind, choices = _flag_type(name, field.annotation)
+            kwargs: dict[str, Any] = {"dest": name, "help": field.description}
+            if kind is bool:
+                kwargs["action"] = argparse.BooleanOptionalAction
+            else:
+                kwargs.update(type=kind, metavar=name.upper())
+                if choices:
+                    kwargs.update(choices=choices, metavar=None)
+            if field.default is not None and kwargs["help"] is not None:
+                kwargs["help"] += f" (default: {_render(field.default)})"
+            ap.add_argument(_flag(name), **kwargs)
+        return ap
+
+    @classmethod
+    def from_argv(
+        cls, argv: Sequence[str], *, prog: str = "stepfleet worker", parents: Sequence[argparse.ArgumentParser] = ()
+    ) -> WorkerSettings:
+        """Settings from `stepfleet worker` flags; raises `InvalidSettings` naming the flag.
+
+        Flags of `parents` (CLI-only ones such as `--log-level`) are accepted and ignored.
+        """
+        args = vars(cls.argument_parser(prog, parents).parse_args(list(argv)))
+        try:
+            return cls(**{k: v for k, v in args.items() if k in cls.model_fields})
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{_flag(str(e['loc'][0])) if e['loc'] else 'settings'}: {e['msg']}" for e in exc.errors()
+            )
+            raise InvalidSettings(problems) from exc
+
+    def to_argv(self, always: Collection[str] = ("model",)) -> list[str]:
+        """The flags that make these settings: `model` and the fields in `always` (unless None),
+        then every other field that differs from its default, in field order."""
+        unknown = set(always) - set(type(self).model_fields)
+        if unknown:
+            raise ValueError(f"not settings: {', '.join(sorted(unknown))}")
+        argv: list[str] = []
+        for name, field in type(self).model_fields.items():
+            value = getattr(self, name)
+            if value is None or (name not in always and value == field.default):
+                continue
+            if isinstance(value, bool):
+                argv.append(_flag(name) if value else _flag(name, negative=True))
+                continue
+            text = _render(value)
+            # `--flag=-x` keeps a value that starts with a dash from reading as a flag.
+            argv += [f"{_flag(name)}={text}"] if text.startswith("-") else [_flag(name), text]
+        return argv
+
+
+def _flag(name: str, negative: bool = False) -> str:
+    return ("--no-" if negative else "--") + name.replace("_", "-")
+
+
+def _render(value: Any) -> str:
+    # repr() of a float is the shortest text that reads back as the same float.
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def _flag_type(name: str, annotation: Any) -> tuple[type, tuple[str, ...] | None]:
+    """(argparse type, choices) of a field: its annotation with `| None` taken off."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) != 1:
+            raise TypeError(f"setting {name}: no flag for {annotation}")
+        annotation, args = rest[0], typing.get_args(rest[0])
+    if typing.get_origin(annotation) is Literal:
+        if not all(isinstance(a, str) for a in args):
+            raise TypeError(f"setting {name}: only string literals become choices")
+        return str, tuple(args)
+    if annotation in (bool, int, float, str):
+        return annotation, None
+    raise TypeError(f"setting {name}: no flag for {annotation}")

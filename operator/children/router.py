@@ -108,7 +108,9 @@ def deployment(owner: Owner, spec: DiffusionServiceSpec) -> Manifest:
         "name": "router",
         "image": spec.router.image or names.default_image("cpu"),
         "imagePullPolicy": "IfNotPresent",
-        "command": ["stepfleet", "router", "--config", f"{names.ROUTER_CONFIG_DIR}/{names.ROUTER_CONFIG_KEY}"],
+        # A pod's command replaces the image's: listen on every interface, on the port the Service targets.
+        "command": ["stepfleet", "router", "--config", f"{names.ROUTER_CONFIG_DIR}/{names.ROUTER_CONFIG_KEY}",
+                    "--host", "0.0.0.0", "--port", str(names.ROUTER_PORT)],
         "ports": [{"name": "http", "containerPort": names.ROUTER_PORT, "protocol": "TCP"}],
         "resources": resources(spec.router.resources, _DEFAULT_RESOURCES),
         "readinessProbe": http_probe("/readyz", period=5, failures=3),

@@ -24,6 +24,7 @@ from stepfleet.operator.children.common import (
 )
 from stepfleet.operator.models import DiffusionServiceSpec, PoolSpec
 from stepfleet.operator.validation import ModelSource, parse_source
+from stepfleet.serving.settings import WorkerSettings
 
 MODEL_MOUNT = "/models"
 CACHE_MOUNT = "/cache"
@@ -70,20 +71,37 @@ def _node_placement(owner: Owner, pool: PoolSpec) -> tuple[dict[str, str], list[
     return selector, tolerations
 
 
-def worker_command(spec: DiffusionServiceSpec, pool: PoolSpec) -> list[str]:
-    """The worker's argv (the `stepfleet worker` contract with the data plane)."""
+#: Settings the operator writes into every worker's command even where they equal the worker's
+#: defaults: they come from the spec (or must match the pod's ports), so a later change of a
+#: worker default must not change what a pool runs.
+EXPLICIT_SETTINGS = ("model", "host", "port", "max_batch", "device", "pool", "template_cache_bytes", "family",
+                     "dtype", "revision")
+
+
+def worker_settings(spec: DiffusionServiceSpec, pool: PoolSpec) -> WorkerSettings:
+    """What a pool's workers run with: the contract with the data plane, as one typed value."""
     source = parse_source(spec.model.source)
     assert not isinstance(source, str), "validated before building"
-    backend = accelerators.DEVICES[pool.accelerator.type].backend
-    return [
-        "stepfleet", "worker",
-        "--model", _model_arg(source),
-        "--port", str(names.WORKER_PORT),
-        "--max-batch", str(pool.max_batch or spec.serving.max_batch),
-        "--device", backend,
-        "--pool", pool.name,
-        "--template-cache-bytes", str(spec.serving.template_cache_bytes),
-    ]
+    return WorkerSettings(
+        model=_model_arg(source),
+        # Revisions name Hub commits; a built-in or a directory on a claim has none (validation
+        # refuses one there, and nothing would read it).
+        revision=spec.model.revision if source.scheme == "hf" else None,
+        family=spec.model.family,
+        device=accelerators.DEVICES[pool.accelerator.type].backend,
+        dtype="float32" if pool.accelerator.type == "cpu" else spec.model.dtype,
+        pool=pool.name,
+        # The image's default command listens on all addresses too; a pod's `command` replaces it.
+        host="0.0.0.0",
+        port=names.WORKER_PORT,
+        max_batch=pool.max_batch or spec.serving.max_batch,
+        template_cache_bytes=spec.serving.template_cache_bytes,
+    )
+
+
+def worker_command(spec: DiffusionServiceSpec, pool: PoolSpec) -> list[str]:
+    """The worker's argv: `stepfleet worker` and the flags `WorkerSettings.from_argv` reads back."""
+    return ["stepfleet", "worker", *worker_settings(spec, pool).to_argv(always=EXPLICIT_SETTINGS)]
 
 
 def deployment(owner: Owner, spec: DiffusionServiceSpec, pool: PoolSpec, observed: Observed) -> Manifest:
@@ -101,16 +119,9 @@ def deployment(owner: Owner, spec: DiffusionServiceSpec, pool: PoolSpec, observe
         res.setdefault("requests", {})[resource_name] = str(acc.devices)
         res.setdefault("limits", {})[resource_name] = str(acc.devices)
 
-    env = [
-        {"name": "HF_HOME", "value": f"{CACHE_MOUNT}/hf"},
-        {"name": "STEPFLEET_SERVICE", "value": owner.name},
-        {"name": "STEPFLEET_POOL", "value": pool.name},
-        {"name": "STEPFLEET_MODEL_FAMILY", "value": spec.model.family},
-        {"name": "STEPFLEET_DTYPE", "value": "float32" if acc.type == "cpu" else spec.model.dtype},
-        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-    ]
-    if spec.model.revision:
-        env.append({"name": "STEPFLEET_MODEL_REVISION", "value": spec.model.revision})
+    # Only what something in the container reads (the Hugging Face libraries): every worker
+    # setting travels in the command, where `WorkerSettings` parses it.
+    env = [{"name": "HF_HOME", "value": f"{CACHE_MOUNT}/hf"}]
 
     volumes: list[dict[str, Any]] = [
         {"name": "tmp", "emptyDir": {}},

@@ -25,7 +25,7 @@ from stepfleet.operator.models import DiffusionServiceSpec, PoolSpec
 from stepfleet.operator.policy import Plan, PolicyState
 from stepfleet.operator.policy.model import PoolMemory
 
-from .observe import format_time, parse_time
+from .observe import LoadFailure, format_time, parse_time
 
 #: Router weights are written with this many decimals (as the reconcile's defaults).
 WEIGHT_DECIMALS = 6
@@ -110,8 +110,14 @@ def decided_status(
     shortages: Mapping[str, float],
     generation: int | None,
     now: dt.datetime,
+    load_failures: Mapping[str, LoadFailure] | None = None,
 ) -> dict[str, Any]:
-    """The status fields the loop owns after a decision (a merge patch of `status`)."""
+    """The status fields the loop owns after a decision (a merge patch of `status`).
+
+    `load_failures` (pools whose workers failed to load the model) make the service
+    Degraded/ModelLoadFailed; once there are none, the loop's Degraded clears.
+    """
+    load_failures = load_failures or {}
     old_pools = {p.get("name"): p for p in old.get("pools") or []}
     w = weights(plan)
     pools = []
@@ -132,8 +138,12 @@ def decided_status(
     else:
         short = ("False", cond.REASON_CAPACITY_AVAILABLE, "every pool can get capacity")
     conditions = cond.set_condition(conditions, cond.CAPACITY_SHORT, *short, generation=generation, now=now)
-    conditions = clear_loop_degraded(conditions, generation=generation, now=now)
+    if load_failures:
+        conditions = load_failed_conditions(conditions, load_failures, generation=generation, now=now)
+    else:
+        conditions = clear_loop_degraded(conditions, generation=generation, now=now)
     remembered = {m.name: format_time(m.short_since) for m in state.pools if m.short_since is not None}
+    old_loop = old.get("controlLoop") or {}
     return {
         "mode": plan.mode,
         "pools": pools,
@@ -144,11 +154,55 @@ def decided_status(
             "modeSince": format_time(state.mode_since_s) if state.mode_since_s is not None else None,
             "demandRps": round(demand_rps, 4),
             "plannedRps": round(plan.planned_rps, 4),
-            "shortSince": remembered,
+            "shortSince": _map_patch(old_loop.get("shortSince"), remembered),
+            "modelLoadFailures": _map_patch(
+                old_loop.get("modelLoadFailures"), {p: f.message for p, f in sorted(load_failures.items())}
+            ),
             "reasons": list(plan.reasons)[:32],
             "lastError": None,
         },
     }
+
+
+def _map_patch(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> dict[str, Any]:
+    """`new` as a merge patch over `old`: a merge patch keeps keys it does not name, so the
+    ones gone are named with None (which removes them)."""
+    return {**{k: None for k in old or {} if k not in new}, **new}
+
+
+def load_failed_message(failures: Mapping[str, LoadFailure]) -> str:
+    """Every failing pool's workers' message, prefixed by the pool's name."""
+    return "; ".join(f"pool {pool}: {failure.message}" for pool, failure in sorted(failures.items()))
+
+
+def load_failed_conditions(
+    conditions: list[dict[str, Any]], failures: Mapping[str, LoadFailure], *, generation: int | None, now: dt.datetime
+) -> list[dict[str, Any]]:
+    """Degraded/ModelLoadFailed naming each pool and its workers' error, unless a blocker holds it."""
+    degraded = cond.get_condition(conditions, cond.DEGRADED) or {}
+    if degraded.get("status") == "True" and degraded.get("reason") in cond.BLOCKER_REASONS:
+        return conditions
+    return cond.set_condition(
+        conditions, cond.DEGRADED, "True", cond.REASON_MODEL_LOAD_FAILED, load_failed_message(failures),
+        generation=generation, now=now,
+    )
+
+
+def load_failure_events(
+    meta: Mapping[str, Any], old: Mapping[str, Any], failures: Mapping[str, LoadFailure], now: dt.datetime
+) -> list[dict[str, Any]]:
+    """A Warning per pool whose failure is new or says something new since the last decision
+    (`old` is the status before it), so a failing pool is announced once, not every tick."""
+    announced = (old.get("controlLoop") or {}).get("modelLoadFailures") or {}
+    return [
+        cond.event(
+            dict(meta), type_="Warning", reason=cond.REASON_MODEL_LOAD_FAILED,
+            message=f"pool {pool}: {failure.message} (pods: {_few(failure.pods)})",
+            now=now,
+        )
+        for pool, failure in sorted(failures.items())
+        if announced.get(pool) != failure.message
+    ]
 
 
 def clear_loop_degraded(conditions: list[dict[str, Any]], *, generation: int | None, now: dt.datetime) -> list[dict[str, Any]]:
@@ -191,3 +245,8 @@ def mode_event(meta: Mapping[str, Any], previous: str, plan: Plan, now: dt.datet
 
 def failure_event(meta: Mapping[str, Any], reason: str, message: str, now: dt.datetime) -> dict[str, Any]:
     return cond.event(dict(meta), type_="Warning", reason=reason, message=message, now=now)
+
+
+def _few(items: tuple[str, ...], shown: int = 3) -> str:
+    more = len(items) - shown
+    return ", ".join(items[:shown]) + (f" and {more} more" if more > 0 else "")

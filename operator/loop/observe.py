@@ -18,13 +18,16 @@ Two metric paths give the same `Metrics`:
 Capacity signals, per pool: Karpenter `InsufficientCapacityError` Events on NodeClaims of
 the pool's NodePool (Karpenter deletes such NodeClaims at once, so a claim is matched by its
 `karpenter.sh/nodepool` label when it still exists, else by its name, which Karpenter
-derives from the NodePool's), counted while seen within a window; and pool pods Pending as
-Unschedulable for longer than the grace period.
+derives from the NodePool's), counted while seen within a window; pool pods Pending as
+Unschedulable for longer than the grace period; placed pods that stay un-ready; and pools
+whose workers answer `/readyz` with `failed` (`load_failures`: the model will not load, so
+the pool is short at once, and the loop reports the workers' error as Degraded/ModelLoadFailed).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -427,10 +430,10 @@ def pod_ready(pod: Mapping[str, Any]) -> bool:
     )
 
 
-def scrape_url(pod: Mapping[str, Any]) -> str | None:
-    """Where a ready worker pod serves `/metrics` (its container port named `http`)."""
+def _worker_url(pod: Mapping[str, Any], path: str) -> str | None:
+    """`path` on a worker pod (its container port named `http`), or None without a pod IP."""
     ip = (pod.get("status") or {}).get("podIP")
-    if not ip or not pod_ready(pod):
+    if not ip:
         return None
     port = names.WORKER_PORT
     for container in (pod.get("spec") or {}).get("containers") or []:
@@ -438,7 +441,92 @@ def scrape_url(pod: Mapping[str, Any]) -> str | None:
             if p.get("name") == "http" and p.get("containerPort"):
                 port = int(p["containerPort"])
     host = f"[{ip}]" if ":" in ip else ip
-    return f"http://{host}:{port}/metrics"
+    return f"http://{host}:{port}{path}"
+
+
+def scrape_url(pod: Mapping[str, Any]) -> str | None:
+    """Where a ready worker pod serves `/metrics`."""
+    return _worker_url(pod, "/metrics") if pod_ready(pod) else None
+
+
+def readyz_url(pod: Mapping[str, Any]) -> str | None:
+    """Where a running but un-ready worker pod says why on `/readyz` (loading, or failed and why)."""
+    if (pod.get("status") or {}).get("phase") != "Running" or pod_ready(pod):
+        return None
+    return _worker_url(pod, "/readyz")
+
+
+# --- model loads ----------------------------------------------------------------------------
+
+#: Longest worker error kept per pool (a condition holds every pool's; an Event 1 KiB).
+MAX_LOAD_ERROR_CHARS = 900
+
+
+@dataclass(frozen=True)
+class LoadFailure:
+    """A pool whose workers gave up loading the model: their `/readyz` answered `failed`.
+
+    Such a worker stays up (for diagnosis) but will never serve: a configuration error (a
+    family that does not match the checkpoint, a missing revision) that only a spec change
+    fixes, so the pool counts as short at once rather than after `readinessTimeoutSeconds`.
+    """
+
+    pool: str
+    #: The workers' distinct messages (`FamilyMismatch: ...`), sorted.
+    errors: tuple[str, ...]
+    #: The pods that answered `failed`, sorted.
+    pods: tuple[str, ...]
+    #: Since when the longest-failing of them has not been Ready.
+    since_s: float
+
+    @property
+    def message(self) -> str:
+        return "; ".join(self.errors)
+
+
+def readyz_failure(status_code: int, body: str) -> str | None:
+    """The worker's error if a `/readyz` answer says the model load failed, else None.
+
+    The body is `{"status": "loading"|"failed"|"ready", "error": str|None}`; anything else
+    (a proxy's page, a worker too old to say) is no evidence of a failure and is ignored:
+    the pod still counts as short after `readinessTimeoutSeconds`.
+    """
+    try:
+        decoded = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(decoded, Mapping) or decoded.get("status") != "failed":
+        return None
+    error = decoded.get("error")
+    text = error.strip() if isinstance(error, str) else ""
+    text = text or f"model load failed (HTTP {status_code}, no reason given)"
+    return text if len(text) <= MAX_LOAD_ERROR_CHARS else text[: MAX_LOAD_ERROR_CHARS - 1] + "…"
+
+
+def load_failures(
+    answers: Mapping[str, tuple[int, str] | None], pods: Iterable[Mapping[str, Any]], now_s: float
+) -> dict[str, LoadFailure]:
+    """pool -> its failed model loads, from `/readyz` answers by pod name (None: no answer)."""
+    found: dict[str, list[tuple[str, str, float]]] = {}
+    for pod in pods:
+        name = (pod.get("metadata") or {}).get("name")
+        pool, answer = pod_pool(pod), answers.get(name or "")
+        if pool is None or answer is None:
+            continue
+        error = readyz_failure(*answer)
+        if error is None:
+            continue
+        unready = _unready_since(pod)
+        found.setdefault(pool, []).append((name or "", error, unready[0] if unready else now_s))
+    return {
+        pool: LoadFailure(
+            pool=pool,
+            errors=tuple(sorted({e for _, e, _ in items})),
+            pods=tuple(sorted(n for n, _, _ in items)),
+            since_s=min(s for _, _, s in items),
+        )
+        for pool, items in found.items()
+    }
 
 
 # --- the observation ------------------------------------------------------------------------

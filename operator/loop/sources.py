@@ -1,4 +1,4 @@
-"""The loop's I/O adapters: Kubernetes reads, Prometheus queries, worker scrapes.
+"""The loop's I/O adapters: Kubernetes reads, Prometheus queries, worker scrapes and readiness.
 
 Each adapter only fetches and decodes; every rule about what the data means is in
 `observe`. Kubernetes goes through `kube.Client` (the only module that talks to the API);
@@ -93,4 +93,27 @@ def scrape(http: httpx.Client, urls: Mapping[str, str]) -> dict[str, str]:
         if resp.status_code != 200:
             raise ObservationError(f"scraping {pod} ({url}) answered {resp.status_code}")
         out[pod] = resp.text
+    return out
+
+
+#: A `/readyz` answers at once even while the model loads (loading runs beside the server);
+#: a short limit keeps a tick quick when pods are unreachable from the operator.
+READYZ_TIMEOUT_S = 2.0
+
+
+def probe_readyz(
+    http: httpx.Client, urls: Mapping[str, str], timeout_s: float = READYZ_TIMEOUT_S
+) -> dict[str, tuple[int, str] | None]:
+    """pod -> (status code, body) of its `/readyz`; None where it did not answer.
+
+    Un-ready pods are often not listening yet, so no answer is not an error here.
+    """
+    out: dict[str, tuple[int, str] | None] = {}
+    for pod, url in urls.items():
+        try:
+            resp = http.get(url, timeout=timeout_s)
+        except httpx.HTTPError:
+            out[pod] = None
+            continue
+        out[pod] = (resp.status_code, resp.text)
     return out

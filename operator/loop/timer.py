@@ -8,10 +8,12 @@ One run (`run_once`):
   1. skip unless the spec is valid and the reconcile has handled this generation (a kopf
      timer may fire before `on.create` finished; the children must exist first);
   2. observe: Deployments, worker pods, Karpenter Events (`sources`), metrics from
-     Prometheus or from the pods' `/metrics`, all turned into an `Observation` (`observe`);
+     Prometheus or from the pods' `/metrics`, the `/readyz` of running but un-ready pods
+     (a `failed` model load), all turned into an `Observation` (`observe`);
   3. `decide` (the pure policy the simulator runs);
-  4. write `status` (mode, weights, cost, reasons, CapacityShort), post a `ModeChanged`
-     Event on a switch, then patch replicas, router weights and NodePool limits (`act`).
+  4. write `status` (mode, weights, cost, reasons, CapacityShort, Degraded/ModelLoadFailed),
+     post a `ModeChanged` Event on a switch and a `ModelLoadFailed` Warning per newly failing
+     pool, then patch replicas, router weights and NodePool limits (`act`).
      Status goes first: the Deployment patches wake the reconcile's status refresh, which
      must then read the new mode and weights, not the old ones.
      The loop's gauges (`metrics.LoopMetrics`: mode, cost, replicas, capacity short) are set
@@ -115,6 +117,19 @@ def _measure(
     return observe.metrics_from_scrapes(previous, current, pod_pools, pools, now_s - previous_at, quantile)
 
 
+def _load_failures(
+    http: httpx.Client, spec: DiffusionServiceSpec, cluster: sources.ClusterView, now_s: float
+) -> dict[str, observe.LoadFailure]:
+    """Pools whose running but un-ready workers say on `/readyz` that loading the model failed."""
+    pools = {p.name for p in spec.pools}
+    targets = {
+        pod["metadata"]["name"]: url
+        for pod in cluster.pods
+        if observe.pod_pool(pod) in pools and (url := observe.readyz_url(pod))
+    }
+    return observe.load_failures(sources.probe_readyz(http, targets), cluster.pods, now_s)
+
+
 def run_once(
     client: kube.Client,
     http: httpx.Client,
@@ -149,6 +164,7 @@ def run_once(
 
     try:
         cluster = sources.read_cluster(client, owner, spec)
+        load_failures = _load_failures(http, spec, cluster, now_s)
         metrics = _measure(http, spec, owner.namespace, owner.name, cluster, memory, now_s)
         if metrics is None:
             return Outcome(note="first scrape taken; rates need a second")
@@ -165,6 +181,8 @@ def run_once(
             observe.shortages_from_pods(cluster.pods, now_s, loop.pending_grace_seconds),
             observe.shortages_from_unready_pods(cluster.pods, now_s, loop.pending_grace_seconds,
                                                 loop.readiness_timeout_seconds),
+            # A failed model load will not heal by itself: short at once, not after the timeout.
+            {pool: failure.since_s for pool, failure in load_failures.items()},
         )
         observation = observe.build_observation(
             now_s, [p.name for p in spec.pools], cluster.deployments,
@@ -187,11 +205,14 @@ def run_once(
         )
     new_status = act.decided_status(
         status, spec, plan, state, demand_rps=estimate.rate_rps, shortages=shortages, generation=generation, now=now,
+        load_failures=load_failures,
     )
     try:
         client.patch(kube.DIFFUSIONSERVICE, owner.namespace, owner.name, {"status": new_status}, subresource="status")
         if plan.mode_changed:
             _post(client, act.mode_event(meta, previous_mode, plan, now))
+        for event in act.load_failure_events(meta, status, load_failures, now):
+            _post(client, event)
         changes = act.apply_plan(client, owner, spec, plan, cluster.deployments)
     except (kube.ApiError, applying.ChildConflict) as exc:
         message = f"acting on the plan failed: {exc}"

@@ -172,3 +172,28 @@ def vector(values: dict[str, float | str]) -> str:
             },
         }
     )
+
+
+#: What a worker's `/readyz` says when the checkpoint is of another family than the service asks for.
+FAMILY_MISMATCH = (
+    "FamilyMismatch: family mismatch: the service asks for family 'sdxl' (StableDiffusionXLPipeline), "
+    "but model 'tiny-sd' is a StableDiffusionPipeline (family sd15 or sd2)"
+)
+
+
+def readyz_body(status: str, error: str | None = None) -> str:
+    """A worker's `/readyz` body: `{"status": "loading"|"failed"|"ready", "error": ...}`."""
+    return json.dumps({"status": status, "error": error})
+
+
+class Readyz:
+    """A worker's `/readyz` whose answer the test changes (`status`, `error`)."""
+
+    def __init__(self, status: str = "loading", error: str | None = None) -> None:
+        self.status, self.error = status, error
+
+    def responder(self, path: str, _: dict[str, list[str]]) -> tuple[int, str, str]:
+        if path != "/readyz":
+            return 404, "text/plain", "not found"
+        code = 200 if self.status == "ready" else 503
+        return code, "application/json", readyz_body(self.status, self.error)

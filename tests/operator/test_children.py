@@ -10,6 +10,7 @@ from k8s_helpers import example
 from stepfleet.operator import names
 from stepfleet.operator.children import Observed, Owner, build_all, router, workers
 from stepfleet.operator.validation import validate
+from stepfleet.serving.settings import WorkerSettings
 
 K8S_VERSION = "1.37.0"
 OWNER = Owner(name="sd15", namespace="ml", uid="0b5a2f8e-1111-2222-3333-444455556666")
@@ -64,9 +65,11 @@ def test_gpu_worker_deployment_fields():
     assert c["command"][:2] == ["stepfleet", "worker"]
     args = dict(zip(c["command"][2::2], c["command"][3::2], strict=True))
     assert args == {
-        "--model": "stable-diffusion-v1-5/stable-diffusion-v1-5", "--port": "8001", "--max-batch": "8",
-        "--device": "cuda", "--pool": "l4", "--template-cache-bytes": "2147483648",
+        "--model": "stable-diffusion-v1-5/stable-diffusion-v1-5", "--family": "sd15", "--device": "cuda",
+        "--dtype": "float16", "--pool": "l4", "--host": "0.0.0.0", "--port": "8001", "--max-batch": "8",
+        "--template-cache-bytes": "2147483648",
     }
+    assert {e["name"] for e in c["env"]} == {"HF_HOME"}  # every worker setting is in the command
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert pod["nodeSelector"] == {"karpenter.sh/nodepool": "ml-sd15-l4"}
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
@@ -135,7 +138,8 @@ def test_router_config_format_and_weights():
     assert [p["weight"] for p in reset["pools"]] == [0.5, 0.5, 0.0]
     dep = router.deployment(OWNER, spec)
     c = dep["spec"]["template"]["spec"]["containers"][0]
-    assert c["command"] == ["stepfleet", "router", "--config", "/etc/stepfleet/router.yaml"]
+    assert c["command"] == ["stepfleet", "router", "--config", "/etc/stepfleet/router.yaml",
+                            "--host", "0.0.0.0", "--port", str(c["ports"][0]["containerPort"])]
     assert dep["spec"]["template"]["spec"]["volumes"][0]["configMap"]["name"] == "sd15-router"
     assert yaml.safe_load(cm["data"]["router.yaml"]) == cfg
 
@@ -190,3 +194,49 @@ def test_the_router_may_only_read_endpointslices_under_its_own_service_account()
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "sd15-router", "namespace": OWNER.namespace}]
     # Worker pods still get no API token.
     assert kids[("Deployment", "sd15-l4")]["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+
+
+def _pool_settings(obj, pool: int = 0) -> WorkerSettings:
+    """The spec → the pool's Deployment → its container's command → what the worker parses."""
+    spec = _spec(obj)
+    dep = workers.deployment(OWNER, spec, spec.pools[pool], Observed())
+    (container,) = dep["spec"]["template"]["spec"]["containers"]
+    assert container["command"][:2] == ["stepfleet", "worker"]
+    return WorkerSettings.from_argv(container["command"][2:])
+
+
+@pytest.mark.parametrize(
+    "model, pool, expect",
+    [
+        ({"source": "hf://org/sdxl-base", "family": "sdxl", "dtype": "bfloat16", "revision": "v1.0"}, 0,
+         {"model": "org/sdxl-base", "family": "sdxl", "dtype": "bfloat16", "revision": "v1.0", "device": "cuda",
+          "pool": "l4", "max_batch": 8}),
+        ({"source": "hf://org/sd2", "family": "sd2", "revision": "3f1c9a0"}, 1,
+         {"model": "org/sd2", "family": "sd2", "dtype": "float16", "revision": "3f1c9a0", "device": "neuron",
+          "pool": "inf2"}),
+        ({"source": "hf://stable-diffusion-v1-5/stable-diffusion-v1-5"}, 2,  # defaults: sd15, float16
+         {"family": "sd15", "dtype": "float16", "revision": None, "device": "xla", "pool": "tpu-v5e"}),
+        # a revision names a Hub commit (validation refuses one for other sources)
+        ({"source": "pvc://models/sd15/v1"}, 0, {"model": "/models/sd15/v1", "revision": None}),
+        ({"source": "builtin://tiny-sd", "family": "sd15"}, 1, {"model": "tiny-sd", "revision": None}),
+    ],
+)
+def test_worker_reads_back_what_the_spec_asks(model, pool, expect):
+    obj = example("three-pool-fleet.yaml")
+    obj["spec"]["model"] = model
+    obj["spec"]["pools"][0]["maxBatch"] = 8
+    settings = _pool_settings(obj, pool)
+    assert {k: getattr(settings, k) for k in expect} == expect
+    assert settings.host == "0.0.0.0" and settings.port == names.WORKER_PORT
+    spec = _spec(obj)
+    assert settings.template_cache_bytes == spec.serving.template_cache_bytes
+    assert settings == workers.worker_settings(spec, spec.pools[pool])
+
+
+def test_cpu_pools_run_float32_whatever_the_spec_says():
+    obj = example("cpu-fleet.yaml")
+    obj["spec"]["model"]["dtype"] = "float16"
+    obj["spec"]["serving"]["maxBatch"] = 3
+    settings = _pool_settings(obj, 1)
+    assert (settings.dtype, settings.device, settings.pool, settings.max_batch) == ("float32", "cpu", "spot", 3)
+    assert (settings.model, settings.family) == ("tiny-sd", "sd15")

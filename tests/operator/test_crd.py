@@ -94,6 +94,7 @@ def test_examples_validate_against_crd(name):
         (lambda o: o["spec"]["pools"][0].update(name="Bad_Name"), "name"),
         (lambda o: o["spec"]["pools"][0].update(typo=1), "typo"),
         (lambda o: o["spec"]["slo"].update(latencySeconds=0), "latencySeconds"),
+        (lambda o: o["spec"]["model"].update(family="pixart"), "family"),
     ],
 )
 def test_schema_rejects_invalid(mutate, field):
@@ -102,3 +103,14 @@ def test_schema_rejects_invalid(mutate, field):
     errors = list(_validator().iter_errors(obj))
     assert errors, "expected a schema error"
     assert any(field in (list(e.path) + [str(e.message)]).__str__() for e in errors)
+
+
+@pytest.mark.parametrize("family", ["sd3", "pixart", "SD15", ""])
+def test_admission_refuses_a_family_no_worker_serves(family):
+    """`kubectl apply` of `family: sd3` fails at the API server, naming spec.model.family."""
+    obj = example("cpu-fleet.yaml")
+    obj["spec"]["model"]["family"] = family
+    (error,) = _validator().iter_errors(obj)
+    assert list(error.absolute_path) == ["spec", "model", "family"]
+    assert error.validator == "enum" and error.validator_value == ["sd15", "sd2", "sdxl"]
+    assert repr(family) in error.message

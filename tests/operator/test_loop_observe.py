@@ -9,15 +9,18 @@ import time
 import pytest
 from k8s_helpers import example
 from loop_helpers import (
+    FAMILY_MISMATCH,
     Workers,
     ice_event,
     pod,
+    readyz_body,
     running_status,
     unready_status,
     unschedulable_status,
     vector,
 )
 
+from stepfleet.operator import conditions
 from stepfleet.operator.loop import act, observe
 from stepfleet.operator.models import DiffusionServiceSpec
 from stepfleet.operator.policy import PolicyState, decide
@@ -247,3 +250,105 @@ def test_crash_loops_count_after_the_grace_and_silent_unready_pods_after_the_rea
     assert short["spot"] == pytest.approx(now - 200, abs=2)
     off = observe.shortages_from_unready_pods(pods, now, stuck_grace_s=180, readiness_timeout_s=0)
     assert sorted(off) == ["spot"]
+
+
+# --- model loads (a worker's /readyz) ---------------------------------------------------------
+
+
+def test_readyz_is_asked_of_running_unready_pods_only():
+    unready = {**pod("tiny", "spot", 0, port=18001), "status": running_status(ready=False)}
+    assert observe.readyz_url(unready) == "http://127.0.0.1:18001/readyz"
+    assert observe.readyz_url({**unready, "status": running_status()}) is None  # ready: nothing to ask
+    assert observe.readyz_url({**unready, "status": unschedulable_status(10)}) is None  # not running
+    assert observe.readyz_url({**unready, "status": unready_status(10)}) is None  # no pod IP yet
+    v6 = {**unready, "status": {**running_status(ready=False), "podIP": "fd00::7"}}
+    assert observe.readyz_url(v6) == "http://[fd00::7]:18001/readyz"
+
+
+@pytest.mark.parametrize(
+    "code, body, error",
+    [
+        (503, readyz_body("failed", FAMILY_MISMATCH), FAMILY_MISMATCH),
+        (503, readyz_body("failed", None), "model load failed (HTTP 503, no reason given)"),
+        (503, readyz_body("failed", "  "), "model load failed (HTTP 503, no reason given)"),
+        (503, readyz_body("loading"), None),
+        (200, json.dumps({"status": "ready", "model": "tiny-sd"}), None),
+        (502, "<html>bad gateway</html>", None),  # not the worker speaking
+        (503, "[1, 2]", None),
+        (503, "", None),
+    ],
+)
+def test_a_readyz_answer_is_a_failure_only_when_the_worker_says_so(code, body, error):
+    assert observe.readyz_failure(code, body) == error
+
+
+def test_long_worker_errors_are_cut():
+    error = observe.readyz_failure(503, readyz_body("failed", "x" * 5000))
+    assert len(error) == observe.MAX_LOAD_ERROR_CHARS and error.endswith("…")
+
+
+def test_failed_loads_are_gathered_per_pool():
+    now = time.time()
+    failed_since = {**unready_status(120), "phase": "Running", "podIP": "10.0.0.9"}
+    pods = [
+        {**pod("tiny", "spot", 0), "status": running_status(ready=False)},
+        {**pod("tiny", "spot", 1), "status": failed_since},
+        {**pod("tiny", "spot", 2), "status": running_status(ready=False)},
+        {**pod("tiny", "ondemand", 0), "status": running_status(ready=False)},
+        {**pod("tiny", "ondemand", 1), "status": running_status(ready=False)},
+        {**pod("other", "gpu", 0), "status": running_status(ready=False)},
+    ]
+    answers = {
+        "tiny-spot-0": (503, readyz_body("failed", FAMILY_MISMATCH)),
+        "tiny-spot-1": (503, readyz_body("failed", FAMILY_MISMATCH)),
+        "tiny-spot-2": (503, readyz_body("failed", "OSError: no file named model_index.json")),
+        "tiny-ondemand-0": (503, readyz_body("loading")),
+        "tiny-ondemand-1": None,  # not listening yet
+    }
+    failures = observe.load_failures(answers, pods, now)
+    assert list(failures) == ["spot"]
+    spot = failures["spot"]
+    assert spot.pods == ("tiny-spot-0", "tiny-spot-1", "tiny-spot-2")
+    assert spot.errors == (FAMILY_MISMATCH, "OSError: no file named model_index.json")
+    assert spot.message == "; ".join(spot.errors)
+    assert spot.since_s == pytest.approx(now - 120, abs=2)  # the longest un-ready of them
+    assert observe.load_failures({}, pods, now) == {}
+
+
+def _decided(old, failures, *, shortages=None):
+    spec = _spec()
+    obs = observe.build_observation(NOW, ["ondemand", "spot"], {}, (0.0, 0.0), observe.Metrics(30), {})
+    plan, state = decide(obs, PolicyState(), observe.policy_spec(spec))
+    now = dt.datetime.fromtimestamp(NOW, dt.timezone.utc)
+    return act.decided_status(old, spec, plan, state, demand_rps=0.0, shortages=shortages or {}, generation=1,
+                              now=now, load_failures=failures)
+
+
+def test_a_failed_load_degrades_the_service_until_it_is_gone():
+    failure = observe.LoadFailure(pool="spot", errors=(FAMILY_MISMATCH,), pods=("tiny-spot-0",), since_s=NOW - 30)
+    meta = {"name": "tiny", "namespace": "ml", "uid": "u"}
+    now = dt.datetime.fromtimestamp(NOW, dt.timezone.utc)
+    failing = _decided({"conditions": []}, {"spot": failure})
+    degraded = next(c for c in failing["conditions"] if c["type"] == "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "ModelLoadFailed")
+    assert degraded["message"] == f"pool spot: {FAMILY_MISMATCH}"
+    assert failing["controlLoop"]["modelLoadFailures"] == {"spot": FAMILY_MISMATCH}
+    # one Warning when the failure appears, none while it says the same, one when it says something new
+    (event,) = act.load_failure_events(meta, {"conditions": []}, {"spot": failure}, now)
+    assert (event["type"], event["reason"]) == ("Warning", "ModelLoadFailed")
+    assert event["message"] == f"pool spot: {FAMILY_MISMATCH} (pods: tiny-spot-0)"
+    assert act.load_failure_events(meta, failing, {"spot": failure}, now) == []
+    again = _decided(failing, {"spot": failure})
+    assert next(c for c in again["conditions"] if c["type"] == "Degraded") == degraded  # no new transition
+    other = observe.LoadFailure(pool="spot", errors=("OSError: gone",), pods=("tiny-spot-0",), since_s=NOW)
+    assert len(act.load_failure_events(meta, failing, {"spot": other}, now)) == 1
+    # the reconcile's status refresh keeps the loop's finding; only the loop clears it
+    assert "ModelLoadFailed" in conditions.LOOP_DEGRADED_REASONS
+    healed = _decided(failing, {})
+    cleared = next(c for c in healed["conditions"] if c["type"] == "Degraded")
+    assert (cleared["status"], cleared["reason"]) == ("False", "Observing")
+    assert healed["controlLoop"]["modelLoadFailures"] == {"spot": None}  # a merge patch removes it
+    # a child that cannot exist outranks it
+    conflict = {"conditions": [{"type": "Degraded", "status": "True", "reason": "ChildConflict", "message": "x"}]}
+    kept = _decided(conflict, {"spot": failure})
+    assert next(c for c in kept["conditions"] if c["type"] == "Degraded")["reason"] == "ChildConflict"

@@ -5,7 +5,9 @@ serves worker `/metrics` or a Prometheus API from loopback HTTP servers; the ope
 (kopf in-process, the loop ticking every 0.2 s) must switch mode, patch replicas, weights
 and NodePool limits, and say so in `status` and Events. A Prometheus that fails or talks
 garbage, or a worker with malformed metrics, must leave the last plan in place and set
-`Degraded`/`ObservationFailed`.
+`Degraded`/`ObservationFailed`. A worker whose `/readyz` says its model failed to load
+(`family: sdxl` on an SD 1.5 checkpoint) must show as `Degraded`/`ModelLoadFailed` with the
+worker's words, one Warning Event, and a pool short of capacity, until it loads.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import yaml
 from emulator import Fault, eventually
 from k8s_helpers import example
 from loop_helpers import (
+    FAMILY_MISMATCH,
+    Readyz,
     Workers,
     ice_event,
     pod,
@@ -312,3 +316,38 @@ async def test_a_failed_write_is_reported_and_retried():
             em.faults.remove(fault)
             await eventually(lambda: _replicas(em, "spot") >= 3)
             await eventually(lambda: _cleared(em))
+
+
+async def test_a_worker_that_cannot_load_the_model_is_reported_once_and_cleared():
+    readyz = Readyz("failed", FAMILY_MISMATCH)
+    with serve(readyz.responder) as worker:
+        async with emulator() as em, operator(em, LOOP):
+            await _started(em, _fleet())
+            async with _workers(em, {"ondemand": 3.0}):
+                await eventually(lambda: _replicas(em, "spot") >= 3, timeout=15)
+                # a spot worker runs, but its /readyz says the checkpoint is of another family
+                await _add_pod(em, "spot", 0, running_status(ready=False), port=worker.port)
+                degraded = await eventually(
+                    lambda: (c := condition(em.fetch(DFS, NS, "tiny"), "Degraded"))
+                    and c["reason"] == "ModelLoadFailed" and c
+                )
+                assert degraded["status"] == "True" and degraded["message"] == f"pool spot: {FAMILY_MISMATCH}"
+                assert _status(em)["controlLoop"]["modelLoadFailures"] == {"spot": FAMILY_MISMATCH}
+                # short at once (the readiness timeout is 900 s): the load spreads onto ondemand
+                short = condition(em.fetch(DFS, NS, "tiny"), "CapacityShort")
+                assert short["status"] == "True" and "spot" in short["message"]
+                await eventually(lambda: _status(em).get("mode") == "capacity")
+                (warning,) = await eventually(lambda: _events(em, "ModelLoadFailed"))
+                assert warning["type"] == "Warning"
+                assert warning["message"] == f"pool spot: {FAMILY_MISMATCH} (pods: tiny-spot-0)"
+                asked = len(worker.requests)
+                await eventually(lambda: len(worker.requests) >= asked + 3)  # ticks go on...
+                assert len(_events(em, "ModelLoadFailed")) == 1  # ...without repeating the Warning
+                # the spec is fixed and the new worker loads: the condition and the record clear
+                readyz.status, readyz.error = "loading", None
+                await eventually(
+                    lambda: condition(em.fetch(DFS, NS, "tiny"), "Degraded")["reason"] != "ModelLoadFailed"
+                )
+                assert not _status(em)["controlLoop"].get("modelLoadFailures")
+                await eventually(lambda: _status(em).get("mode") == "cost")
+                assert len(_events(em, "ModelLoadFailed")) == 1

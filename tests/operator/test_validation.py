@@ -42,6 +42,8 @@ def test_examples_are_valid():
         (lambda s: s["pools"][0].update(pricePerHour=-1), "spec.pools[0].pricePerHour", "greater than or equal"),
         (lambda s: s.update(pools=[]), "spec.pools", "at least 1"),
         (lambda s: s["pools"][0].update(replicas=3), "spec.pools[0].replicas", "not permitted"),
+        # a family no worker has a backbone for
+        (lambda s: s["model"].update(family="sd3"), "spec.model.family", "'sd15', 'sd2' or 'sdxl'"),
     ],
 )
 def test_problem_names_the_field(mutate, field, words):
