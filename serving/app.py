@@ -1,285 +1,141 @@
-"""The worker's HTTP app: OpenAI-compatible image endpoints in front of the step-level engine.
+"""The worker's app factory: OpenAI-compatible image endpoints in front of the step-level engine.
 
-`create_app(settings, engine=None)` wires everything; tests pass a small engine, the CLI
-passes none and the model loads in the background at start-up. The server listens
-immediately (liveness `/healthz` is fine while a big model loads for minutes) and reports
-ready on `/readyz` only after the model is loaded and one warm-up request ran.
+`create_app(settings, engine=None, edits=None)` wires the routers of `serving.http`; tests
+pass a small engine (and, for edits, the `EditExtension` its runner was built with), the
+CLI passes none and the model loads in the `lifespan`, on a thread: model → backbone → the
+edits extension (skipped, with a warning, when the model cannot do masked compute) →
+runner → engine → template service. The server listens meanwhile (liveness `/healthz` is
+fine while a big model loads for minutes) and reports ready on `/readyz` only after one
+warm-up request ran and the step-cost curve was timed. A load that fails — a
+`FamilyMismatch` between the settings and the checkpoint, missing weights — is reported on
+`/readyz` as `{"status": "failed", "error": "FamilyMismatch: ..."}`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
-import time
-from contextlib import asynccontextmanager
-from typing import Any
+from contextlib import ExitStack, asynccontextmanager
+from typing import TYPE_CHECKING
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import ValidationError
+from fastapi import FastAPI
 
-from stepfleet.serving.engine import Engine, EngineConfig, QueueFull, RequestCancelled, ShuttingDown
-from stepfleet.serving.errors import APIError, install_error_handlers
-from stepfleet.serving.images import to_b64
-from stepfleet.serving.metrics import WorkerMetrics
+from stepfleet.serving.engine import Engine, EngineConfig
+from stepfleet.serving.errors import install_error_handlers
+from stepfleet.serving.http import edits as edit_routes
+from stepfleet.serving.http import generations, health, metrics, templates
+from stepfleet.serving.http.openapi import document_limits
+from stepfleet.serving.http.state import WorkerState
+from stepfleet.serving.http.uploads import set_pixel_limit
 from stepfleet.serving.middleware import RequestIdMiddleware
-from stepfleet.serving.params import (
-    GenerationParams,
-    InvalidParam,
-    Limits,
-    Priority,
-    parse_size,
-    validate,
-)
-from stepfleet.serving.schemas import ImageGenerationRequest, ModelCard, ModelList
+from stepfleet.serving.params import GenerationParams
 from stepfleet.serving.settings import WorkerSettings
+
+if TYPE_CHECKING:
+    from stepfleet.serving.edits.extension import EditExtension
+    from stepfleet.serving.edits.service import TemplateService
 
 log = logging.getLogger(__name__)
 
-#: How often a waiting handler checks whether its client went away.
-DISCONNECT_POLL_S = 0.2
+#: One router per concern, in the order /openapi.json lists them.
+ROUTERS = (generations.router, edit_routes.router, templates.router, health.router, metrics.router)
 
 
-class WorkerState:
-    """What the handlers share: the engine once it exists, readiness, metrics."""
-
-    def __init__(self, settings: WorkerSettings, engine: Engine | None) -> None:
-        self.settings = settings
-        self.engine = engine
-        self.metrics = WorkerMetrics(pool=settings.pool)
-        if engine is not None:
-            engine.observer = self.metrics
-        self.ready = threading.Event()
-        self.own_cache = None  # the template cache this worker made (closed at shutdown)
-        self.load_error: str | None = None
-        self.started = int(time.time())
-        self.limits = Limits(
-            max_image_size=settings.max_image_size, max_steps=settings.max_steps, max_images=settings.max_images
-        )
-
-    @property
-    def default_size(self) -> tuple[int, int]:
-        assert self.engine is not None
-        model = getattr(self.engine.runner, "model", None)
-        return model.default_size if model is not None else (256, 256)
-
-    def start_engine(self) -> None:
-        """Load the model (unless an engine was given), start the loop, warm up, then report ready."""
-        try:
-            if self.engine is None:
-                from stepfleet.serving.loading import load_model
-                from stepfleet.serving.runner import ModelRunner
-
-                s = self.settings
-                model = load_model(s.model, device=s.device, dtype=s.dtype, local_files_only=s.local_files_only,
-                                   revision=s.revision)
-                from stepfleet.serving.edits.cache import TemplateCache
-
-                self.own_cache = TemplateCache(s.template_cache_bytes, disk_bytes=s.template_disk_bytes,
-                                               disk_dir=s.template_dir)
-                config = EngineConfig(max_batch=s.max_batch, max_queue=s.max_queue, preemption=s.preemption,
-                                      policy=s.policy, slo_scale=s.slo_scale, aux=s.aux)
-                try:
-                    runner = ModelRunner(model, template_cache=self.own_cache)
-                except NotImplementedError as exc:  # a UNet variant masked compute does not know
-                    log.warning("edits disabled: %s", exc)
-                    runner = ModelRunner(model)
-                self.engine = Engine(runner, config, observer=self.metrics)
-            self.engine.start()
-            if self.settings.warmup:
-                w, h = self.default_size
-                self.engine.warmup(GenerationParams(prompt="warm-up", width=w, height=h, num_inference_steps=1,
-                                                    guidance_scale=self.settings.default_guidance_scale, seed=0))
-                curve = self.engine.calibrate(w, h, self.settings.default_guidance_scale)
-                log.info("step cost by UNet rows at %dx%d: %s", w, h,
-                         ", ".join(f"{rows}: {sec * 1000:.1f} ms" for rows, sec in sorted(curve.items())))
-            self.metrics.ready.labels(self.settings.pool).set(1)
-            self.ready.set()
-            log.info("worker ready: model %s, pool %s", self.settings.public_model_name(), self.settings.pool)
-        except Exception as exc:  # reported on /readyz; the process stays up for diagnosis
-            log.exception("model failed to load")
-            self.load_error = f"{type(exc).__name__}: {exc}"
-
-
-def create_app(settings: WorkerSettings | None = None, engine: Engine | None = None) -> FastAPI:
+def create_app(
+    settings: WorkerSettings | None = None, engine: Engine | None = None, edits: EditExtension | None = None
+) -> FastAPI:
+    """The worker app; with `engine`, serve it (edits only when `edits`, the extension its runner
+    has, is given too), else load the model the settings name."""
+    if edits is not None and engine is None:
+        raise ValueError("edits= is the extension of a given engine's runner; pass engine= too")
     settings = settings or WorkerSettings()
-    state = WorkerState(settings, engine)
+    state = WorkerState.create(settings, engine.config.max_batch if engine is not None else settings.max_batch)
+    if engine is not None:
+        state.use(engine, _template_service(engine, edits), engine.runner.default_size)
+    owned = ExitStack()  # what this app loaded and closes at shutdown
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        loader = threading.Thread(target=state.start_engine, name="stepfleet-loader", daemon=True)
+        loader = threading.Thread(target=_start, args=(state, owned), name="stepfleet-loader", daemon=True)
         loader.start()
-        yield
-        state.ready.clear()
-        loader.join(timeout=1.0)
-        if state.engine is not None:
-            # uvicorn has already waited for in-flight HTTP requests; drain what is left.
-            await asyncio.to_thread(state.engine.stop, True, settings.graceful_shutdown_s)
-        if state.own_cache is not None:
-            state.own_cache.close()
+        with owned:
+            yield
+            state.ready.clear()
+            loader.join(timeout=1.0)
+            if state.engine is not None:
+                # uvicorn has already waited for in-flight HTTP requests; drain what is left.
+                await asyncio.to_thread(state.engine.stop, True, settings.graceful_shutdown_s)
 
     app = FastAPI(title="stepfleet worker", version="0.1.0", lifespan=lifespan)
     app.state.worker = state
-    install_error_handlers(app)
+    install_error_handlers(app, on_invalid=state.count_invalid)
+    app.add_middleware(RequestIdMiddleware, extra_headers=state.load_headers)
+    for router in ROUTERS:
+        app.include_router(router)
+    set_pixel_limit(settings.max_image_size)
 
-    def load_headers() -> dict[str, str]:
-        if state.engine is None:
-            return {}
-        load = state.engine.load()
-        return {
-            "X-Stepfleet-Backlog-Seconds": f"{load['backlog_s']:.3f}",
-            "X-Stepfleet-Step-Units": f"{load['step_units']:.0f}",
-        }
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = document_limits(FastAPI.openapi(app), state.limits)
+        return app.openapi_schema
 
-    app.add_middleware(RequestIdMiddleware, extra_headers=load_headers)
-
-    @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/readyz")
-    async def readyz() -> JSONResponse:
-        if state.ready.is_set():
-            return JSONResponse({"status": "ready", "model": settings.public_model_name()})
-        body = {"status": "failed" if state.load_error else "loading", "error": state.load_error}
-        return JSONResponse(body, status_code=503)
-
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        if state.engine is not None:
-            load = state.engine.load()
-            state.metrics.queue_depth.labels(settings.pool).set(load["waiting"])
-            state.metrics.backlog.labels(settings.pool).set(load["backlog_s"])
-            cache = getattr(state.engine.runner, "cache", None)
-            if cache is not None:
-                state.metrics.observe_cache(cache.snapshot())
-        return PlainTextResponse(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/v1/models")
-    async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=settings.public_model_name(), created=state.started)])
-
-    @app.get("/v1/load")
-    async def load() -> dict[str, Any]:
-        """The router's balancing signal (also sent on every response as a header)."""
-        body: dict[str, Any] = {"ready": state.ready.is_set(), "pool": settings.pool}
-        if state.engine is not None:
-            body.update(state.engine.load())
-        return body
-
-    @app.post("/v1/images/generations")
-    async def generations(request: Request) -> JSONResponse:
-        body = await _json_body(request)
-        try:
-            req = ImageGenerationRequest.model_validate(body)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            param = ".".join(str(p) for p in first["loc"]) or None
-            raise APIError(400, f"{param}: {first['msg']}", param=param, code="invalid_value") from None
-        params = _to_params(req, state)
-        engine = _ready_engine(state)
-        try:
-            ereq = engine.submit(params, request_id=request.state.request_id)
-        except QueueFull as exc:
-            state.metrics.on_rejected("generation", "rejected")
-            raise APIError(429, "the worker's queue is full; retry later", code="queue_full",
-                           headers={"Retry-After": str(int(exc.retry_after_s))}) from None
-        except ShuttingDown:
-            raise APIError(503, "the worker is shutting down", code="shutting_down",
-                           headers={"Retry-After": "1"}) from None
-        result = await _await_or_cancel(request, engine, ereq)
-        data = await asyncio.to_thread(
-            lambda: [{"b64_json": to_b64(im, params.output_format, req.output_compression)} for im in result.images]
-        )
-        return JSONResponse(
-            {
-                "created": int(time.time()),
-                "data": data,
-                "output_format": params.output_format,
-                "size": f"{params.width}x{params.height}",
-                "stepfleet": {
-                    "request_id": ereq.id,
-                    "seed": result.seed,
-                    "steps": result.steps,
-                    "queue_s": round(result.queue_s, 6),
-                    "total_s": round(result.total_s, 6),
-                },
-            }
-        )
-
-    from stepfleet.serving.edits.http import install_edit_routes
-
-    install_edit_routes(app, state)
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 
-async def _json_body(request: Request) -> Any:
-    raw = await request.body()
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
+def _template_service(engine: Engine, edits: EditExtension | None) -> TemplateService | None:
+    if edits is None:
+        return None
+    from stepfleet.serving.edits.service import TemplateService
+
+    return TemplateService(engine, edits)
 
 
-def _ready_engine(state: WorkerState) -> Engine:
-    if not state.ready.is_set() or state.engine is None:
-        reason = state.load_error or "the model is still loading"
-        raise APIError(503, f"worker not ready: {reason}", code="not_ready", headers={"Retry-After": "5"})
-    return state.engine
-
-
-def _to_params(req: ImageGenerationRequest, state: WorkerState) -> GenerationParams:
+def _start(state: WorkerState, owned: ExitStack) -> None:
+    """Load the model (unless an engine was given), start the loop, warm up, then report ready."""
     s = state.settings
     try:
-        if req.model is not None and req.model != s.public_model_name():
-            raise APIError(404, f"model {req.model!r} is not served here (serving {s.public_model_name()!r})",
-                           param="model", code="model_not_found")
-        if req.response_format not in (None, "b64_json"):
-            raise InvalidParam("response_format", f"{req.response_format!r} is not supported; this server returns "
-                               "images inline, use 'b64_json'", code="unsupported_value")
-        if req.stream:
-            raise InvalidParam("stream", "streaming is not supported", code="unsupported_value")
-        width, height = parse_size(req.size, state.default_size if state.engine else (256, 256), state.limits)
-        params = GenerationParams(
-            prompt=req.prompt,
-            width=width,
-            height=height,
-            n=req.n,
-            num_inference_steps=s.default_steps if req.num_inference_steps is None else req.num_inference_steps,
-            guidance_scale=s.default_guidance_scale if req.guidance_scale is None else req.guidance_scale,
-            negative_prompt=req.negative_prompt,
-            scheduler=req.scheduler,
-            seed=req.seed,
-            priority=Priority.parse(req.priority),
-            deadline_ms=req.deadline_ms,
-            output_format=req.output_format or "png",
-        )
-        return validate(params, state.limits)
-    except InvalidParam as exc:
-        state.metrics.on_rejected("generation", "invalid")
-        raise APIError(400, exc.message if exc.message.startswith(exc.param) else f"{exc.param}: {exc.message}",
-                       param=exc.param, code=exc.code) from None
+        if state.engine is None:
+            _load(state, owned)
+        assert state.engine is not None
+        state.engine.start()
+        if s.warmup:
+            w, h = state.default_size
+            state.engine.warmup(GenerationParams(prompt="warm-up", width=w, height=h, num_inference_steps=1,
+                                                 guidance_scale=s.default_guidance_scale, seed=0))
+            curve = state.engine.calibrate(w, h, s.default_guidance_scale)
+            log.info("step cost by UNet rows at %dx%d: %s", w, h,
+                     ", ".join(f"{rows}: {sec * 1000:.1f} ms" for rows, sec in sorted(curve.items())))
+        state.mark_ready()
+        log.info("worker ready: model %s, pool %s", s.public_model_name(), s.pool)
+    except Exception as exc:  # reported on /readyz; the process stays up for diagnosis
+        log.exception("model failed to load")
+        state.load_error = f"{type(exc).__name__}: {exc}"
 
 
-async def _await_or_cancel(request: Request, engine: Engine, ereq) -> Any:
-    """Wait for the engine; if the client disconnects first, free the request's batch slot."""
-    fut = asyncio.wrap_future(ereq.future)
-    while True:
-        done, _ = await asyncio.wait({fut}, timeout=DISCONNECT_POLL_S)
-        if done:
-            break
-        if await request.is_disconnected():
-            engine.cancel(ereq.id)
-            fut.cancel()  # nobody will read its outcome now
-            log.info("client went away; cancelled %s", ereq.id)
-            raise APIError(499, "client closed request", code="client_closed")
+def _load(state: WorkerState, owned: ExitStack) -> None:
+    """Model → backbone → edits extension → runner → engine → template service, as the settings say."""
+    from stepfleet.serving.backbones import load_backbone
+    from stepfleet.serving.edits.cache import TemplateCache
+    from stepfleet.serving.edits.extension import EditExtension
+    from stepfleet.serving.loading import load_model
+    from stepfleet.serving.runner import ModelRunner
+
+    s = state.settings
+    model = load_model(s.model, device=s.device, dtype=s.dtype, local_files_only=s.local_files_only,
+                       revision=s.revision, family=s.family)
+    backbone = load_backbone(model)
+    cache = owned.enter_context(TemplateCache(s.template_cache_bytes, disk_bytes=s.template_disk_bytes,
+                                              disk_dir=s.template_dir))
+    edits: EditExtension | None = None
     try:
-        return fut.result()
-    except RequestCancelled:
-        raise APIError(503, "request was cancelled", code="cancelled") from None
-    except Exception as exc:
-        log.exception("request %s failed", ereq.id)
-        raise APIError(500, f"generation failed: {type(exc).__name__}: {exc}", code="generation_failed") from None
+        edits = EditExtension(backbone, cache)
+        owned.callback(edits.close)
+    except NotImplementedError as exc:  # a family or denoiser that masked compute does not know
+        log.warning("edits disabled: %s", exc)
+    runner = ModelRunner(backbone, extensions=[edits] if edits is not None else [])
+    config = EngineConfig(max_batch=s.max_batch, max_queue=s.max_queue, preemption=s.preemption, policy=s.policy,
+                          slo_scale=s.slo_scale, aux=s.aux)
+    engine = Engine(runner, config)
+    state.use(engine, _template_service(engine, edits), runner.default_size)

@@ -15,7 +15,7 @@ def encode_image(image: Any, output_format: str = "png", quality: int | None = N
     fmt = _PIL_FORMATS[output_format]
     kwargs: dict[str, Any] = {}
     if fmt in ("JPEG", "WEBP"):
-        kwargs["quality"] = quality or 90
+        kwargs["quality"] = 90 if quality is None else quality  # 0 is a quality too
         image = image.convert("RGB")
     image.save(buf, format=fmt, **kwargs)
     return buf.getvalue()

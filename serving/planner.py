@@ -163,7 +163,9 @@ class StepPlanner:
         rows_of: dict[Hashable, int] = {}
         for s in batch:
             rows_of[s.cost_key] = rows_of.get(s.cost_key, 0) + s.unet_rows
-        while queue and rows + queue[0].rows <= self.config.max_batch:
+        # A request with more images than a batch holds runs alone (the worker refuses such
+        # requests, but a planner that waited for room would hold its whole shape back forever).
+        while queue and (rows + queue[0].rows <= self.config.max_batch or not batch):
             key = queue[0].cost_key
             if key not in caps:
                 gain = self.config.min_batch_gain
@@ -249,7 +251,7 @@ class StepPlanner:
         group: list[Seq] = []
         rows = 0
         for c in cands:
-            if c.shape == shape and rows + c.rows <= self.config.max_batch:
+            if c.shape == shape and (rows + c.rows <= self.config.max_batch or not group):
                 group.append(c)
                 rows += c.rows
         full = rows >= self.config.max_batch or len(group) < sum(1 for c in cands if c.shape == shape)

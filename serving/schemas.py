@@ -1,42 +1,216 @@
 """Request and response bodies of the public Images API (OpenAI's fields plus stepfleet's).
 
-Unknown fields are rejected, as OpenAI does, so a typo (`num_inference_step`) is an error
-that names the field instead of a silently ignored setting.
+One definition serves three purposes: the worker validates bodies with these models, the
+router checks generation bodies with the same model before forwarding, and both document
+them in `/openapi.json`. Unknown fields are rejected, as OpenAI does, so a typo
+(`num_inference_step`) is an error that names the field instead of a silently ignored
+setting.
+
+Bounds here are the ones no worker can exceed (`MAX_IMAGES`, `MAX_STEPS` are the ceilings of
+`WorkerSettings.max_batch` and `max_steps`): the router checks bodies against them without
+knowing which worker will serve. Each worker holds tighter limits of its own (`--max-images`,
+`--max-steps`, `--max-image-size`), checked by `params.validate` and written into that
+worker's `/openapi.json` (`serving.http.openapi`).
+
+Multipart bodies (edits, templates) are form models: FastAPI reads them with
+`Annotated[Model, Form()]`, file fields as `UploadFile`.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import UploadFile
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+
+from stepfleet.serving.params import OUTPUT_FORMATS, SCHEDULERS
+
+#: The most images one request may ask for on any worker: `n` takes `n` slots of a step's
+#: batch, and `WorkerSettings.max_batch` is at most 256 (tested).
+MAX_IMAGES = 256
+#: The most denoising steps any worker allows (`WorkerSettings.max_steps` is at most 1000).
+MAX_STEPS = 1000
+#: Sides in micro-conditioning sizes and crop offsets: far above any trained resolution,
+#: low enough that no number overflows a half-precision time id.
+MAX_CONDITIONING_SIDE = 16384
+
+Scheduler = Literal[SCHEDULERS]  # type: ignore[valid-type]
+OutputFormat = Literal[OUTPUT_FORMATS]  # type: ignore[valid-type]
+
+_SIZE = r"^(auto|\d{1,5}x\d{1,5})$"
+_WXH = r"^[1-9]\d{0,4}x[1-9]\d{0,4}$"
+_PAIR = re.compile(r"^\s*(\d{1,5})\s*,\s*(\d{1,5})\s*$")
+
+
+def _matching(pattern: str, form: str) -> AfterValidator:
+    """Check `pattern` with a message a person reads (pydantic's would quote the regex)."""
+    regex = re.compile(pattern)
+
+    def check(value: str) -> str:
+        if not regex.match(value):
+            raise ValueError(f"must look like {form} (got {value!r})")
+        return value
+
+    return AfterValidator(check)
+
+
+#: OpenAI's `size`: "WxH" or "auto" (the worker checks sides against its limits).
+Size = Annotated[str, _matching(_SIZE, "'1024x768' (width x height) or be 'auto'"),
+                 WithJsonSchema({"type": "string", "pattern": _SIZE})]
+
+
+def _sides_in_range(value: str) -> str:
+    if any(int(side) > MAX_CONDITIONING_SIDE for side in value.split("x")):
+        raise ValueError(f"width and height must be at most {MAX_CONDITIONING_SIDE} (got {value!r})")
+    return value
+
+
+#: A micro-conditioning size, "WxH" (positive sides).
+WxH = Annotated[str, _matching(_WXH, "'1024x768' (width x height)"), AfterValidator(_sides_in_range),
+                WithJsonSchema({"type": "string", "pattern": _WXH})]
+
+
+def _top_left(value: Any) -> Any:
+    """`"top,left"` or `[top, left]` → (top, left); anything else is a ValueError naming the forms."""
+    if value is None:
+        return None
+    if isinstance(value, str) and (m := _PAIR.match(value)):
+        pair = (int(m.group(1)), int(m.group(2)))
+    elif (isinstance(value, (list, tuple)) and len(value) == 2
+          and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        pair = (value[0], value[1])
+    else:
+        raise ValueError("must be 'top,left' or [top, left] (non-negative integers)")
+    if not all(0 <= v <= MAX_CONDITIONING_SIDE for v in pair):
+        raise ValueError(f"top and left must be between 0 and {MAX_CONDITIONING_SIDE}")
+    return pair
+
+
+#: A crop's top-left corner for SDXL micro-conditioning, as text or a pair.
+TopLeft = Annotated[
+    tuple[int, int] | None,
+    BeforeValidator(_top_left),
+    WithJsonSchema({
+        "anyOf": [
+            {"type": "string", "pattern": r"^\d{1,5},\d{1,5}$", "examples": ["0,0"]},
+            {"type": "array", "prefixItems": [{"type": "integer", "minimum": 0, "maximum": MAX_CONDITIONING_SIDE}] * 2,
+             "minItems": 2, "maxItems": 2},
+            {"type": "null"},
+        ],
+    }),
+]
+
+# Fields shared by generations, edits and template registrations (one description each).
+_N = Field(1, ge=1, le=MAX_IMAGES, description="images to make (a worker allows up to its --max-images, "
+                                                "at most its --max-batch; default 8 and 4)")
+_STEPS = Field(None, ge=1, le=MAX_STEPS, description="denoising steps (a worker allows up to its --max-steps, "
+                                                     "default 200; omitted: its --default-steps)")
+_GUIDANCE = Field(None, ge=0, le=50, description="classifier-free guidance scale; <= 1 turns guidance off "
+                                                 "(omitted: the worker's default, 7.5)")
+_SEED = Field(None, ge=0, lt=2**63, description="random seed; the same seed and settings give the same image")
+_SCHEDULER = Field(None, description="sampler (omitted: the model's own)")
+_NEGATIVE = Field(None, description="what the image should not show")
+_DEADLINE = Field(None, gt=0, description="milliseconds after arrival the result is due (orders waiting work)")
+_PRIORITY = Field(None, description="'low', 'normal' (default) or 'high' (also 0, 1, 2)")
+_COMPRESSION = Field(None, ge=0, le=100, description="JPEG/WebP quality, 0-100 (default 90)")
+_RESPONSE_FORMAT = Field("b64_json", description="images are returned inline, base64-encoded")
+_OUTPUT_FORMAT = Field("png", description="image file format")
+_STRENGTH = Field(None, gt=0, le=1, description="how far from the template the edit may go, in (0, 1]")
+_IGNORED = "accepted for compatibility with OpenAI clients; does not change a diffusion model's output"
 
 
 class ImageGenerationRequest(BaseModel):
+    """`POST /v1/images/generations`: text to image."""
+
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str
-    model: str | None = None
-    n: int = 1
-    size: str | None = "auto"
-    response_format: str | None = "b64_json"
-    output_format: str | None = "png"
-    output_compression: int | None = Field(default=None, ge=0, le=100)
-    # Accepted for compatibility with OpenAI clients; they do not change a diffusion model's output.
-    quality: str | None = None
-    style: str | None = None
-    background: str | None = None
-    moderation: str | None = None
-    user: str | None = None
-    stream: bool | None = None
-    partial_images: int | None = None
+    prompt: str = Field(description="what to draw")
+    model: str | None = Field(None, description="must name the served model when given")
+    n: int = _N
+    size: Size | None = Field("auto", description="'WxH' (multiples of 8, within the worker's "
+                                                                "--max-image-size) or 'auto' (the model's own)")
+    response_format: Literal["b64_json"] | None = _RESPONSE_FORMAT
+    output_format: OutputFormat | None = _OUTPUT_FORMAT
+    output_compression: int | None = _COMPRESSION
+    quality: str | None = Field(None, description=_IGNORED)
+    style: str | None = Field(None, description=_IGNORED)
+    background: str | None = Field(None, description=_IGNORED)
+    moderation: str | None = Field(None, description=_IGNORED)
+    user: str | None = Field(None, description=_IGNORED)
+    stream: bool | None = Field(None, description="streaming is not supported; true is refused")
+    partial_images: int | None = Field(None, description=_IGNORED)
     # stepfleet extensions
-    num_inference_steps: int | None = None
-    guidance_scale: float | None = None
-    seed: int | None = None
-    negative_prompt: str | None = None
-    scheduler: str | None = None
-    priority: str | int | None = None
-    deadline_ms: float | None = None
+    num_inference_steps: int | None = _STEPS
+    guidance_scale: float | None = _GUIDANCE
+    seed: int | None = _SEED
+    negative_prompt: str | None = _NEGATIVE
+    scheduler: Scheduler | None = _SCHEDULER
+    priority: str | int | None = _PRIORITY
+    deadline_ms: float | None = _DEADLINE
+    # SDXL micro-conditioning (families without it ignore these)
+    original_size: WxH | None = Field(None, description=(
+        "'WxH': the size the model is told the image was taken from (SDXL micro-conditioning; "
+        "default: the output size). Families without micro-conditioning ignore it."))
+    target_size: WxH | None = Field(None, description=(
+        "'WxH': the size the model is told to aim for (SDXL micro-conditioning; default: the output "
+        "size). Families without micro-conditioning ignore it."))
+    crops_coords_top_left: TopLeft = Field(None, description=(
+        "'top,left' or [top, left]: the crop the model is told the image was cut at (SDXL "
+        "micro-conditioning; default 0,0). Families without micro-conditioning ignore it."))
+
+
+class ImageEditForm(BaseModel):
+    """`POST /v1/images/edits` (multipart): inpaint the area a mask leaves transparent."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: UploadFile | None = Field(None, description="PNG, JPEG or WebP; sides multiples of 8 (or send template_id)")
+    image_list: list[UploadFile] | None = Field(
+        None, alias="image[]", max_length=1, description="the same as `image` (OpenAI clients' array form; one image)")
+    mask: UploadFile | None = Field(None, description=(
+        "PNG of the image's size; fully transparent pixels (alpha 0) mark the area to edit "
+        "(omitted: the whole image may change)"))
+    prompt: str = Field(description="what the edited area should show")
+    template_id: str | None = Field(None, description="a registered template to edit instead of an uploaded image")
+    model: str | None = Field(None, description="must name the served model when given")
+    n: int = _N
+    size: Size | None = Field(None, description="must be the image's size, or 'auto'")
+    response_format: Literal["b64_json"] | None = _RESPONSE_FORMAT
+    output_format: OutputFormat | None = _OUTPUT_FORMAT
+    output_compression: int | None = _COMPRESSION
+    quality: str | None = Field(None, description=_IGNORED)
+    background: str | None = Field(None, description=_IGNORED)
+    input_fidelity: str | None = Field(None, description=_IGNORED)
+    user: str | None = Field(None, description=_IGNORED)
+    stream: bool | None = Field(None, description="streaming is not supported; true is refused")
+    partial_images: int | None = Field(None, description=_IGNORED)
+    # stepfleet extensions; omitted ones default to the template's (so the edit takes the cached path)
+    num_inference_steps: int | None = _STEPS
+    guidance_scale: float | None = _GUIDANCE
+    seed: int | None = _SEED
+    scheduler: Scheduler | None = _SCHEDULER
+    strength: float | None = _STRENGTH
+    negative_prompt: str | None = _NEGATIVE
+    priority: str | int | None = _PRIORITY
+    deadline_ms: float | None = _DEADLINE
+
+
+class TemplateForm(BaseModel):
+    """`POST /v1/templates` (multipart): register an image for cached edits."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: UploadFile = Field(description="PNG, JPEG or WebP; its size is the template's (sides multiples of 8)")
+    prompt: str = Field("", description="the prompt the template is recorded with")
+    negative_prompt: str | None = _NEGATIVE
+    size: Size | None = Field(None, description="must be the image's size, or 'auto'")
+    # The settings that key the cache: an edit with all of them equal takes the cached path.
+    num_inference_steps: int | None = _STEPS
+    guidance_scale: float | None = _GUIDANCE
+    seed: int | None = Field(None, ge=0, lt=2**63, description="random seed (default 0)")
+    scheduler: Scheduler | None = _SCHEDULER
+    strength: float | None = Field(None, gt=0, le=1, description="default 1")
 
 
 class ImageData(BaseModel):
@@ -50,14 +224,44 @@ class StepfleetInfo(BaseModel):
     steps: int
     queue_s: float
     total_s: float
+    #: Edits only: how the edit ran (also in the `X-Stepfleet-Edit-Path` header).
+    edit_path: Literal["cached", "full"] | None = None
+    template_id: str | None = None
 
 
 class ImagesResponse(BaseModel):
     created: int
     data: list[ImageData]
-    output_format: Literal["png", "jpeg", "webp"]
+    output_format: OutputFormat
     size: str
     stepfleet: StepfleetInfo
+
+
+class TemplateObject(BaseModel):
+    id: str
+    object: Literal["template"] = "template"
+    created: int
+    status: Literal["recording", "ready", "failed"]
+    cached: bool = Field(description="false once any of its steps was evicted from both cache tiers")
+    prompt: str
+    size: str
+    num_inference_steps: int
+    scheduler: str | None
+    guidance_scale: float
+    seed: int
+    strength: float
+    error: str | None = None
+
+
+class TemplateList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[TemplateObject]
+
+
+class TemplateDeleted(BaseModel):
+    id: str
+    object: Literal["template.deleted"] = "template.deleted"
+    deleted: bool
 
 
 class ModelCard(BaseModel):
@@ -70,3 +274,16 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = Field(description="the request field to fix, when one is to blame")
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every error, OpenAI's shape (`serving.errors`)."""
+
+    error: ErrorDetail

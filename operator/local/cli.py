@@ -26,6 +26,7 @@ from pathlib import Path
 
 from stepfleet.operator.loop import observe
 from stepfleet.serving.builtin_models import BUILTIN_MODELS
+from stepfleet.serving.settings import WorkerSettings
 
 from . import fleet, processes, supervise
 
@@ -95,9 +96,9 @@ class LocalFleet:
     def _start_worker(self, action: supervise.Start, now: float) -> None:
         port = processes.free_port(self.host)
         url = f"http://{self.host}:{port}"
-        args = ["worker", "--model", self.model, "--pool", action.pool, "--host", self.host, "--port", str(port),
-                "--graceful-shutdown-s", str(max(1, int(self.stop_timeout_s) - 1)), "--log-level", "warning",
-                *self.worker_args]
+        settings = WorkerSettings(model=self.model, pool=action.pool, host=self.host, port=port,
+                                  graceful_shutdown_s=max(1, int(self.stop_timeout_s) - 1))
+        args = ["worker", *settings.to_argv(), "--log-level", "warning", *self.worker_args]
         env = {"HF_HUB_OFFLINE": "1"} if self.model in BUILTIN_MODELS else None
         proc = processes.spawn(args, cwd=self.state_dir, log_path=self.state_dir / "logs" / f"{action.name}.log",
                                env=env)

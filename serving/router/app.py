@@ -8,6 +8,12 @@ What the router checks itself, before any worker sees a request: API key and per
 (401/429), body size (413), JSON syntax and the generation schema (400 naming the field),
 the edit form's required fields. Everything else is the worker's to judge, and its answer
 (a 4xx with its own message) is passed through unchanged.
+
+Its `/openapi.json` documents the request bodies with the workers' own models
+(`serving.schemas`), declared through `openapi_extra` rather than as parameters: FastAPI
+would otherwise read and parse every body before the handler, ahead of the API-key check and
+the body-size limit, and the router forwards the client's bytes unchanged anyway (an edit's
+multipart body is parsed once, for its cost, and never re-encoded).
 """
 
 from __future__ import annotations
@@ -26,9 +32,14 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from stepfleet.serving.errors import APIError, error_response, install_error_handlers
+from stepfleet.serving.errors import (
+    APIError,
+    error_response,
+    install_error_handlers,
+    validation_error,
+)
 from stepfleet.serving.middleware import RequestIdMiddleware
 from stepfleet.serving.router import costing
 from stepfleet.serving.router.auth import (
@@ -46,13 +57,19 @@ from stepfleet.serving.router.forwarding import Forwarder, UpstreamReply, make_c
 from stepfleet.serving.router.metrics import RouterMetrics
 from stepfleet.serving.router.state import FleetState
 from stepfleet.serving.router.upstream import ConnectFailed, UpstreamClient, UpstreamError
-from stepfleet.serving.schemas import ImageGenerationRequest
+from stepfleet.serving.schemas import ImageEditForm, ImageGenerationRequest, TemplateForm
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("stepfleet.router.access")
 
 #: A template request's cost away from the template's home: large, so the home wins unless unusable.
 TEMPLATE_MISS_UNITS = 1000.0
+
+
+def documented_body(model: type[BaseModel], media_type: str) -> dict[str, Any]:
+    """`openapi_extra` that documents `model` as the body of a route that forwards raw bytes."""
+    schema = model.model_json_schema()  # self-contained: nested definitions stay in its `$defs`
+    return {"requestBody": {"required": True, "content": {media_type: {"schema": schema}}}}
 
 
 class Router:
@@ -293,21 +310,19 @@ def create_app(config: RouterConfig, settings: RouterSettings | None = None, *, 
         """The router's view of pools, weights and workers (for people and tests; no secrets)."""
         return router.fleet.snapshot(router.clock())
 
-    @app.post("/v1/images/generations")
+    @app.post("/v1/images/generations", openapi_extra=documented_body(ImageGenerationRequest, "application/json"))
     async def generations(request: Request) -> Response:
         async def cost_of(body: bytes) -> costing.RequestCost:
             data = _parse_json(body)
             try:
                 ImageGenerationRequest.model_validate(data)
             except ValidationError as exc:
-                first = exc.errors()[0]
-                param = ".".join(str(p) for p in first["loc"]) or None
-                raise APIError(400, f"{param}: {first['msg']}", param=param, code="invalid_value") from None
+                raise validation_error(exc.errors()) from None
             return costing.generation_cost(data, settings.default_steps, settings.default_size)
 
         return await proxied(request, "generations", cost_of)
 
-    @app.post("/v1/images/edits")
+    @app.post("/v1/images/edits", openapi_extra=documented_body(ImageEditForm, "multipart/form-data"))
     async def edits(request: Request) -> Response:
         async def cost_of(_: bytes) -> costing.RequestCost:
             ctype = request.headers.get("content-type", "")
@@ -351,14 +366,15 @@ def create_app(config: RouterConfig, settings: RouterSettings | None = None, *, 
             return costing.trivial_cost()
         return costing.RequestCost("other", costing.TRIVIAL_UNITS, TEMPLATE_MISS_UNITS, template_id)
 
-    @app.api_route("/v1/templates", methods=["GET", "POST"])
     async def templates(request: Request) -> Response:
         async def cost_of(body: bytes) -> costing.RequestCost:
             return await template_cost(request, body, None)
 
         return await proxied(request, "templates", cost_of)
 
-    @app.api_route("/v1/templates/{template_id}", methods=["GET", "DELETE", "PUT", "PATCH", "POST"])
+    app.get("/v1/templates")(templates)
+    app.post("/v1/templates", openapi_extra=documented_body(TemplateForm, "multipart/form-data"))(templates)
+
     async def template(request: Request, template_id: str) -> Response:
         if request.method == "DELETE":
             return await _delete_everywhere(router, request)
@@ -368,7 +384,13 @@ def create_app(config: RouterConfig, settings: RouterSettings | None = None, *, 
 
         return await proxied(request, "templates", cost_of)
 
-    @app.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+    app.get("/v1/templates/{template_id}")(template)
+    app.delete("/v1/templates/{template_id}")(template)
+    # Not the workers' API, but a template's home should answer them (405) all the same.
+    app.api_route("/v1/templates/{template_id}", methods=["PUT", "PATCH", "POST"], include_in_schema=False)(template)
+
+    # Anything else under /v1 goes to a worker as it is; the workers document it.
+    @app.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
     async def other(request: Request, rest: str) -> Response:
         return await proxied(request, "other", fixed(costing.trivial_cost()))
 

@@ -27,6 +27,7 @@ class FakeTensors:
 
 class FakeRunner:
     device_type = "fake"  # not a CPU: auxiliary work runs on its own thread
+    default_size = (256, 256)
 
     def __init__(self, step_s: float = 0.005, fail_prompt: str = "boom", fail_step_prompt: str = "crash") -> None:
         self.step_s = step_s

@@ -12,8 +12,12 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from stepfleet.serving.app import create_app
+from stepfleet.serving.backbones import load_backbone
 from stepfleet.serving.edits.cache import TemplateCache
+from stepfleet.serving.edits.extension import EditExtension
+from stepfleet.serving.edits.templates import Template, TemplateKey, image_digest, record_params
 from stepfleet.serving.engine import Engine, EngineConfig
+from stepfleet.serving.loading import load_model
 from stepfleet.serving.runner import ModelRunner
 from stepfleet.serving.settings import WorkerSettings
 
@@ -43,21 +47,20 @@ def mask_png(box=(16, 16, 64, 64), size=SIZE, mode="RGBA") -> tuple[bytes, np.nd
 
 
 @pytest.fixture(scope="module")
-def edit_runner(tiny_model):
+def edits(tiny_backbone):
     cache = TemplateCache(max_bytes=256 << 20)
-    runner = ModelRunner(tiny_model, template_cache=cache)
-    yield runner
-    runner.disable_edits()
+    extension = EditExtension(tiny_backbone, cache)
+    yield extension
+    extension.close()
     cache.close()
 
 
 @pytest.fixture(scope="module")
-def edit_worker(edit_runner, serve_app):
-    runner = edit_runner
+def edit_worker(edits, tiny_backbone, serve_app):
     settings = WorkerSettings(model="tiny-sd", pool="edit-pool", default_steps=STEPS, max_image_size=256,
                               max_upload_bytes=300_000, warmup=False)
-    app = create_app(settings, engine=Engine(runner, EngineConfig(max_batch=4)))
-    with serve_app(app) as base:
+    engine = Engine(ModelRunner(tiny_backbone, extensions=[edits]), EngineConfig(max_batch=4))
+    with serve_app(create_app(settings, engine=engine, edits=edits)) as base:
         yield base
 
 
@@ -132,27 +135,34 @@ def test_bad_edit_input_is_refused_naming_the_field(edit_worker, files, data, st
     assert r.json()["error"]["param"] == param
 
 
-def test_small_cache_spills_to_disk_and_evicts_through_the_api(edit_runner, serve_app, tmp_path):
-    # Size one template's entries with a throwaway cache, then bound memory to ~1 entry and
-    # disk to ~one template, so a second registration pushes the first out of both tiers.
-    runner = edit_runner
-    default_cache = runner.cache
-    probe = TemplateCache(max_bytes=256 << 20)
-    runner.enable_edits(probe)
-    from stepfleet.serving.edits.templates import Template, TemplateKey, image_digest, record_params
+def entry_bytes(backbone) -> int:
+    """Bytes one template step's activations take (recorded into a throwaway cache)."""
+    with TemplateCache(max_bytes=256 << 20) as probe:
+        extension = EditExtension(backbone, probe)
+        try:
+            runner = ModelRunner(backbone, extensions=[extension])
+            t = Template("probe", TemplateKey(SIZE, SIZE, STEPS, "ddim", 7.5, 4), "p", picture(3),
+                         image_digest(picture(3)))
+            extension.add_template(t)
+            state = runner.prepare(record_params(t), 4).state
+            for _ in range(STEPS):
+                runner.step([state])
+            return probe.bytes_memory // STEPS
+        finally:
+            extension.close()
 
-    t = Template("probe", TemplateKey(SIZE, SIZE, STEPS, "ddim", 7.5, 4), "p", picture(3), image_digest(picture(3)))
-    runner.templates.add(t)
-    r = runner.prepare(record_params(t), 4)
-    for _ in range(STEPS):
-        runner.step([r])
-    entry = probe.bytes_memory // STEPS
-    probe.close()
-    runner.templates.remove("probe")
+
+def test_small_cache_spills_to_disk_and_evicts_through_the_api(serve_app, tmp_path):
+    # Its own copy of the model: one UNet takes one edits extension at a time, and the module's
+    # worker holds one on the shared model. Bound memory to ~1 entry and disk to ~one template,
+    # so a second registration pushes the first out of both tiers.
+    backbone = load_backbone(load_model("tiny-sd", device="cpu"))
+    entry = entry_bytes(backbone)
     cache = TemplateCache(max_bytes=int(entry * 1.5), disk_bytes=int(entry * (STEPS + 0.5)), disk_dir=tmp_path)
-    runner.enable_edits(cache)
+    edits = EditExtension(backbone, cache)
     settings = WorkerSettings(pool="small", default_steps=STEPS, warmup=False)
-    app = create_app(settings, engine=Engine(runner, EngineConfig(max_batch=4)))
+    app = create_app(settings, engine=Engine(ModelRunner(backbone, extensions=[edits]), EngineConfig(max_batch=4)),
+                     edits=edits)
     try:
         with serve_app(app) as base:
             first = register(base, picture(4))
@@ -168,7 +178,7 @@ def test_small_cache_spills_to_disk_and_evicts_through_the_api(edit_runner, serv
                 assert r.status_code == 200 and r.headers["x-stepfleet-edit-path"] == path
             text = httpx.get(f"{base}/metrics").text
     finally:
-        runner.enable_edits(default_cache)
+        edits.close()
         cache.close()
     samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
                if s.labels.get("pool") == "small"}
@@ -177,3 +187,73 @@ def test_small_cache_spills_to_disk_and_evicts_through_the_api(edit_runner, serv
     assert samples["stepfleet_template_cache_disk_bytes"] > 0
     assert samples["stepfleet_template_cache_memory_bytes"] <= cache.max_bytes
     assert samples["stepfleet_template_cache_load_seconds_total"] > 0
+
+
+@pytest.mark.parametrize(
+    ("files", "data", "param"),
+    [
+        ({}, {"mask": "not a file"}, "mask"),  # a text field where a file belongs
+        ({"prompt": ("p.txt", b"a prompt", "text/plain")}, {}, "prompt"),  # and the other way round
+        ({"image[]": [("a.png", png(picture(2)), "image/png")] * 2}, {}, "image[]"),  # one image per request
+        ({"bogus": ("b.png", b"x", "image/png")}, {}, "bogus"),
+        ({}, {"output_compression": "101"}, "output_compression"),
+        ({}, {"scheduler": "plms"}, "scheduler"),
+        ({}, {"response_format": "url"}, "response_format"),
+        ({}, {"model": "dall-e-2"}, "model"),
+    ],
+)
+def test_form_fields_are_typed_and_named_in_errors(edit_worker, files, data, param):
+    body = [("image", ("t.png", png(picture(2)), "image/png"))] if "image[]" not in files else []
+    for name, value in files.items():
+        body += [(name, v) for v in value] if isinstance(value, list) else [(name, value)]
+    if "prompt" not in files:
+        data = {"prompt": "x", **data}
+    r = httpx.post(f"{edit_worker}/v1/images/edits", files=body, data=data, timeout=60)
+    assert r.status_code in (400, 404), r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_uploads_are_checked_by_their_headers_first(edit_worker):
+    url = f"{edit_worker}/v1/images/edits"
+    chunked = httpx.post(url, content=iter([b"--x\r\n"]), headers={"content-type": "multipart/form-data; boundary=x"})
+    assert chunked.status_code == 411 and chunked.json()["error"]["code"] == "length_required"
+    r = httpx.post(url, json={"prompt": "x"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_content_type"
+    r = httpx.post(url, content=b"--x\r\nContent-Disposition: form-data\r\n\r\nx\r\n--x--\r\n",  # no name
+                   headers={"content-type": "multipart/form-data; boundary=x"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_multipart"
+    r = httpx.post(f"{edit_worker}/v1/templates", data={"prompt": "x"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "image"
+
+
+def test_refused_edits_are_counted_as_invalid_edits(edit_worker):
+    def invalid() -> float:
+        text = httpx.get(f"{edit_worker}/metrics").text
+        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                   if s.name == "stepfleet_requests_total" and s.labels.get("kind") == "edit"
+                   and s.labels.get("status") == "invalid")
+
+    before = invalid()
+    for data in ({"prompt": "x", "n": "lots"}, {"prompt": "x", "num_inference_steps": "201"}):  # schema, limit
+        r = httpx.post(f"{edit_worker}/v1/images/edits", files={"image": ("t.png", png(picture(2)), "image/png")},
+                       data=data, timeout=60)
+        assert r.status_code == 400
+    assert invalid() == before + 2
+
+
+def test_a_worker_built_from_its_settings_alone_serves_edits(serve_app):
+    # The production wiring: the lifespan loads the model, its backbone, the edits extension
+    # (its own UNet: a fresh load), the runner, the engine and the template service.
+    settings = WorkerSettings(model="tiny-sd", device="cpu", pool="own", default_steps=STEPS, warmup=False,
+                              template_cache_bytes=64 << 20)
+    with serve_app(create_app(settings)) as base:
+        tmpl = register(base, picture(6))
+        assert tmpl["status"] == "ready" and tmpl["cached"] is True
+        mask, _ = mask_png()
+        r = httpx.post(f"{base}/v1/images/edits", files={"mask": ("m.png", mask, "image/png")},
+                       data={"template_id": tmpl["id"], "prompt": "edit"}, timeout=120)
+        assert r.status_code == 200 and r.headers["x-stepfleet-edit-path"] == "cached"
+        text = httpx.get(f"{base}/metrics").text
+    memory = [s.value for f in text_string_to_metric_families(text) for s in f.samples
+              if s.name == "stepfleet_template_cache_memory_bytes" and s.labels.get("pool") == "own"]
+    assert memory and memory[0] > 0

@@ -11,6 +11,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from stepfleet.serving.app import create_app
 from stepfleet.serving.engine import Engine, EngineConfig
+from stepfleet.serving.http.generations import generation_params
+from stepfleet.serving.http.state import WorkerState
+from stepfleet.serving.schemas import ImageGenerationRequest
 from stepfleet.serving.settings import WorkerSettings
 from tests.serving.fakes import FakeRunner
 
@@ -68,6 +71,21 @@ def test_same_seed_same_image_and_formats(worker):
         ({"prompt": "x", "priority": "urgent"}, "priority"),
         ({"prompt": "x", "bogus": 1}, "bogus"),
         ({"size": "256x256"}, "prompt"),
+        ({"prompt": "x", "n": 5}, "n"),  # within --max-images, but more than a batch (4) holds
+        ({"prompt": "x", "output_compression": 101}, "output_compression"),
+        ({"prompt": "x", "priority": [1]}, "priority"),
+        ({"prompt": "x", "original_size": "1024"}, "original_size"),
+        ({"prompt": "x", "original_size": "0x1024"}, "original_size"),
+        ({"prompt": "x", "original_size": 1024}, "original_size"),
+        ({"prompt": "x", "target_size": "1024*1024"}, "target_size"),
+        ({"prompt": "x", "target_size": "-8x8"}, "target_size"),
+        ({"prompt": "x", "target_size": "99999x64"}, "target_size"),  # beyond float16 time ids
+        ({"prompt": "x", "crops_coords_top_left": "12"}, "crops_coords_top_left"),
+        ({"prompt": "x", "crops_coords_top_left": "1,2,3"}, "crops_coords_top_left"),
+        ({"prompt": "x", "crops_coords_top_left": [1]}, "crops_coords_top_left"),
+        ({"prompt": "x", "crops_coords_top_left": [-1, 0]}, "crops_coords_top_left"),
+        ({"prompt": "x", "crops_coords_top_left": [1.5, 2]}, "crops_coords_top_left"),
+        ({"prompt": "x", "crops_coords_top_left": "99999,0"}, "crops_coords_top_left"),
     ],
 )
 def test_bad_requests_get_400_naming_the_field(worker, body, param):
@@ -81,6 +99,40 @@ def test_malformed_json_is_a_400(worker):
     r = httpx.post(f"{worker}/v1/images/generations", content=b'{"prompt": ', timeout=10,
                    headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    r = httpx.post(f"{worker}/v1/images/generations", content=b'{"prompt": "x"}', timeout=10,
+                   headers={"content-type": "application/x-www-form-urlencoded"})  # curl -d without -H
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_content_type"
+    assert "application/json" in r.json()["error"]["message"]
+
+
+def test_micro_conditioning_maps_to_diffusers_height_width_order():
+    state = WorkerState.create(WorkerSettings(), max_batch=4)
+    body = ImageGenerationRequest(prompt="x", size="64x128", original_size="1024x768", target_size="512x256",
+                                  crops_coords_top_left="3,4")
+    params = generation_params(body, state)
+    assert (params.width, params.height) == (64, 128)
+    assert params.original_size == (768, 1024) and params.target_size == (256, 512)
+    assert params.crop_top_left == (3, 4)
+    listed = ImageGenerationRequest(prompt="x", crops_coords_top_left=[5, 6])
+    assert generation_params(listed, state).crop_top_left == (5, 6)
+    plain = generation_params(ImageGenerationRequest(prompt="x"), state)
+    assert plain.original_size is None and plain.target_size is None and plain.crop_top_left == (0, 0)
+
+
+def test_families_without_micro_conditioning_ignore_it(worker):
+    body = {"prompt": "micro", "size": "64x64", "num_inference_steps": 2, "seed": 3}
+    plain = post(worker, body).json()["data"][0]["b64_json"]
+    r = post(worker, {**body, "original_size": "1024x1024", "target_size": "512x512",
+                      "crops_coords_top_left": [16, 32]})
+    assert r.status_code == 200, r.text
+    assert r.json()["data"][0]["b64_json"] == plain  # SD 1.x has no size/crop conditioning
+
+
+def test_edits_and_templates_are_501_without_an_edits_extension(worker):
+    r = httpx.post(f"{worker}/v1/images/edits", files={"image": ("a.png", b"x", "image/png")},
+                   data={"prompt": "x"}, timeout=10)
+    assert r.status_code == 501 and r.json()["error"]["code"] == "edits_unsupported"
+    assert httpx.get(f"{worker}/v1/templates").status_code == 501
 
 
 def test_unknown_model_is_404_naming_model(worker):
@@ -164,3 +216,48 @@ def test_client_disconnect_frees_the_request(stalled_worker):
     assert engine.load()["running"] + engine.load()["waiting"] == 0
     steps_done = sum(b.count("gone") for b in fake.batches)
     assert 0 < steps_done < 200  # stopped well before its 200 steps (10 s)
+
+
+def test_a_model_of_another_family_fails_readiness_naming_both(serve_app):
+    # The operator reads this /readyz body; the checkpoint's family is checked before weights load.
+    app = create_app(WorkerSettings(model="tiny-sd", family="sdxl", warmup=False))
+    with serve_app(app, ready_path=None) as base:
+        deadline = time.monotonic() + 60
+        while (body := httpx.get(f"{base}/readyz").json())["status"] == "loading" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        r = httpx.get(f"{base}/readyz")
+        assert r.status_code == 503 and body["status"] == "failed"
+        assert body["error"].startswith("FamilyMismatch: ") and "sdxl" in body["error"]
+        assert httpx.get(f"{base}/healthz").status_code == 200  # alive, for diagnosis
+        r = post(base, {"prompt": "x"})
+        assert r.status_code == 503 and r.headers["retry-after"] == "5"
+        assert "FamilyMismatch" in r.json()["error"]["message"]
+
+
+@pytest.fixture(scope="module")
+def sdxl_worker(serve_app):
+    from stepfleet.serving.backbones import load_backbone
+    from stepfleet.serving.loading import load_model
+    from stepfleet.serving.runner import ModelRunner
+
+    runner = ModelRunner(load_backbone(load_model("tiny-sdxl", device="cpu")))
+    app = create_app(WorkerSettings(model="tiny-sdxl", warmup=False), engine=Engine(runner, EngineConfig(max_batch=2)))
+    with serve_app(app) as base:
+        yield base
+
+
+def test_sdxl_micro_conditioning_reaches_the_model_in_height_width_order(sdxl_worker):
+    body = {"prompt": "a lighthouse", "size": "64x128", "num_inference_steps": 2, "seed": 1}
+
+    def image(**extra) -> str:
+        r = post(sdxl_worker, {**body, **extra})
+        assert r.status_code == 200, r.text
+        return r.json()["data"][0]["b64_json"]
+
+    default = image()
+    # The defaults are the output size and no crop, so saying them changes nothing; "64x128" is
+    # width x height, as `size` is — read as (height, width) it would be another conditioning.
+    assert image(original_size="64x128", target_size="64x128", crops_coords_top_left=[0, 0]) == default
+    assert image(original_size="128x64") != default
+    assert image(target_size="128x64") != default
+    assert image(crops_coords_top_left="8,16") != default

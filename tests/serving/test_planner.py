@@ -3,7 +3,8 @@
 import math
 
 from stepfleet.serving.costmodel import StepCostModel
-from stepfleet.serving.planner import Phase, PlannerConfig, Seq, StepPlanner, apply_plan
+from stepfleet.serving.contracts import StepResult
+from stepfleet.serving.planner import Phase, PlannerConfig, Seq, StepPlanner, apply_plan, update
 
 SHAPE = (4, 32, 32)
 OTHER = (4, 64, 64)
@@ -31,10 +32,7 @@ def run_steps(p, seqs, steps, now=0.0, dt=0.1):
         if plan.idle:
             break
         apply_plan(table, plan)
-        for sid in plan.batch:
-            table[sid].steps_done += 1
-            if table[sid].steps_left == 0:
-                del table[sid]
+        update(table, plan, StepResult(stepped=plan.batch))
         now += dt
     return plans
 
@@ -195,3 +193,20 @@ def test_each_cost_variant_is_batched_by_its_own_curve():
     assert p.plan([seq(s, i) for i, s in enumerate("abcd")], now=5).batch == tuple("abcd")
     mixed = p.plan([edit_seq("e1", 0), seq("g1", 1), seq("g2", 2), edit_seq("e2", 3)], now=5)
     assert mixed.batch == ("e1", "g1", "g2")  # the second edit would pass the edits' cap
+
+
+def test_update_advances_who_stepped_and_retires_finished_and_failed():
+    table = {s.id: s for s in (seq("a", steps=2, done=1), seq("b", steps=5), seq("c", steps=5))}
+    plan = StepPlanner(PlannerConfig(max_batch=4)).plan(table.values(), 0.0)
+    apply_plan(table, plan)
+    retired = update(table, plan, StepResult(stepped=("a", "b"), failed={"c": RuntimeError("bad")}))
+    assert retired.finished == ("a",) and retired.failed == ("c",)
+    assert set(table) == {"b"} and table["b"].steps_done == 1
+
+
+def test_request_larger_than_a_batch_runs_alone_instead_of_blocking_its_shape():
+    for policy in ("continuous", "static"):
+        p = planner(max_batch=2, policy=policy, static_wait_s=0.0)
+        plans = run_steps(p, [seq("big", 0, steps=2, rows=3), seq("small", 1, steps=2)], steps=10, now=5.0)
+        batches = [pl.batch for pl in plans if not pl.idle]
+        assert batches == [("big",), ("big",), ("small",), ("small",)], policy

@@ -53,8 +53,8 @@ def test_openai_client_sees_the_router_errors(routed):
 
     client = OpenAI(base_url=f"{routed}/v1", api_key="unused", max_retries=0)
     with pytest.raises(openai.BadRequestError) as info:
-        client.images.generate(prompt="x", extra_body={"num_inference_steps": 0})
-    assert info.value.body["param"] == "num_inference_steps"  # the worker's verdict, passed through
+        client.images.generate(prompt="x", extra_body={"num_inference_steps": 201})
+    assert info.value.body["param"] == "num_inference_steps"  # the worker's limit (200): its verdict, passed through
     with pytest.raises(openai.BadRequestError) as info:
         client.images.generate(prompt="x", extra_body={"bogus_field": 1})
     assert info.value.body["param"] == "bogus_field"  # the router's own check

@@ -1,0 +1,45 @@
+"""This worker's `/openapi.json`: the shared request schemas, with this worker's own limits.
+
+The schemas (`serving.schemas`) carry the bounds no worker exceeds, since the router checks
+bodies with them without knowing which worker will serve; a worker's own limits are
+settings (`--max-images`, `--max-steps`), so they are written into its schema here, where
+its clients read them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from stepfleet.serving.params import Limits
+from stepfleet.serving.schemas import ErrorResponse
+
+#: The error responses of routes that take a body. Documenting `4XX` also keeps FastAPI from
+#: advertising its default 422, which this API never answers (refusals are 400).
+ERRORS: dict[int | str, dict[str, Any]] = {
+    "4XX": {"model": ErrorResponse, "description": "refused; `error.param` names the field to fix"},
+    429: {"model": ErrorResponse, "description": "the queue is full; retry after `Retry-After` seconds"},
+    503: {"model": ErrorResponse, "description": "not ready (loading, or failed to load), or shutting down"},
+}
+#: Routes of templates and edits, which need a model that can do masked compute.
+EDIT_ERRORS: dict[int | str, dict[str, Any]] = {
+    501: {"model": ErrorResponse, "description": "this worker's model does not support edits"},
+}
+#: Routes that look a template up.
+LOOKUP_ERRORS: dict[int | str, dict[str, Any]] = {
+    "4XX": {"model": ErrorResponse, "description": "404: no such template"},
+    503: ERRORS[503],
+    **EDIT_ERRORS,
+}
+
+
+def document_limits(schema: dict[str, Any], limits: Limits) -> dict[str, Any]:
+    """Tighten `n` and `num_inference_steps` in every request schema to this worker's limits."""
+    bounds = {"n": limits.max_images, "num_inference_steps": limits.max_steps}
+    for component in schema.get("components", {}).get("schemas", {}).values():
+        for name, maximum in bounds.items():
+            prop = component.get("properties", {}).get(name)
+            if prop is not None:
+                for branch in [prop, *prop.get("anyOf", [])]:
+                    if branch.get("type") == "integer":
+                        branch["maximum"] = min(maximum, branch.get("maximum", maximum))
+    return schema

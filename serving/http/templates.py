@@ -1,0 +1,85 @@
+"""`/v1/templates`: register an image for cached edits, list, show and forget templates.
+
+Registering runs the image once through the denoising loop in the engine (a RECORD run:
+full compute that stores every step's attention activations) and answers when it is done.
+Additions and deletions go through `TemplateService`, which applies them on the engine's
+loop thread; this module never touches the registry or the cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Form
+
+from stepfleet.serving.edits.templates import Template, TemplateKey, image_digest, record_params
+from stepfleet.serving.errors import APIError
+from stepfleet.serving.http.deps import State, SubmitTemplate, Templates
+from stepfleet.serving.http.fields import check_image_size
+from stepfleet.serving.http.openapi import EDIT_ERRORS, ERRORS, LOOKUP_ERRORS
+from stepfleet.serving.http.state import WorkerState
+from stepfleet.serving.http.uploads import UploadRoute, read_image
+from stepfleet.serving.params import validate
+from stepfleet.serving.schemas import TemplateDeleted, TemplateForm, TemplateList, TemplateObject
+
+router = APIRouter(tags=["templates"], route_class=UploadRoute)
+
+
+@router.post("/v1/templates", response_model=TemplateObject, responses=ERRORS | EDIT_ERRORS)
+async def create_template(form: Annotated[TemplateForm, Form(media_type="multipart/form-data")],
+                          submit: SubmitTemplate, templates: Templates, state: State) -> dict[str, Any]:
+    """Record `image` with these settings; edits with the same settings then take the cached path."""
+    template = new_template(form, await read_image(form.image, state.limits), state)
+    validate(record_params(template, form.negative_prompt), state.limits)
+    params = await templates.add(template, form.negative_prompt)
+    try:
+        await submit(params)
+    except BaseException:  # a template whose recording failed or was abandoned is no template
+        with contextlib.suppress(Exception):
+            await templates.delete(template.id)
+        raise
+    return templates.public(template)
+
+
+@router.get("/v1/templates", response_model=TemplateList, responses=EDIT_ERRORS)
+async def list_templates(templates: Templates) -> dict[str, Any]:
+    return {"object": "list", "data": [templates.public(t) for t in templates.all()]}
+
+
+@router.get("/v1/templates/{template_id}", response_model=TemplateObject, responses=LOOKUP_ERRORS)
+async def get_template(template_id: str, templates: Templates) -> dict[str, Any]:
+    template = templates.get(template_id)
+    if template is None:
+        raise not_found(template_id)
+    return templates.public(template)
+
+
+@router.delete("/v1/templates/{template_id}", response_model=TemplateDeleted, responses=LOOKUP_ERRORS)
+async def delete_template(template_id: str, templates: Templates) -> dict[str, Any]:
+    """Forget the template and its cached activations."""
+    if not await templates.delete(template_id):
+        raise not_found(template_id)
+    return {"id": template_id, "object": "template.deleted", "deleted": True}
+
+
+def not_found(template_id: str) -> APIError:
+    return APIError(404, f"no template {template_id!r}", param="template_id", code="template_not_found")
+
+
+def new_template(form: TemplateForm, image: Any, state: WorkerState) -> Template:
+    """A template of `image` keyed by the form's settings (defaults: this worker's, seed 0, strength 1)."""
+    s = state.settings
+    check_image_size(form.size, image.size, state.limits)
+    key = TemplateKey(
+        width=image.size[0],
+        height=image.size[1],
+        steps=s.default_steps if form.num_inference_steps is None else form.num_inference_steps,
+        scheduler=form.scheduler,
+        guidance_scale=s.default_guidance_scale if form.guidance_scale is None else form.guidance_scale,
+        seed=0 if form.seed is None else form.seed,
+        strength=1.0 if form.strength is None else form.strength,
+    )
+    return Template(id=f"tmpl-{secrets.token_hex(8)}", key=key, prompt=form.prompt, image=image,
+                    digest=image_digest(image))
