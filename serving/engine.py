@@ -30,7 +30,15 @@ from stepfleet.serving.auxwork import AuxWork, resolve_aux_mode
 from stepfleet.serving.contracts import Decoded, EditPath, Prepared, RequestKind, Runner, StepResult
 from stepfleet.serving.costmodel import StepCostModel, cost_key
 from stepfleet.serving.params import GenerationParams
-from stepfleet.serving.planner import Phase, PlannerConfig, Seq, StepPlan, StepPlanner, apply_plan, update
+from stepfleet.serving.planner import (
+    Phase,
+    PlannerConfig,
+    Seq,
+    StepPlan,
+    StepPlanner,
+    apply_plan,
+    update,
+)
 
 if TYPE_CHECKING:
     import torch

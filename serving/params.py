@@ -8,7 +8,7 @@ layer can answer 400 with OpenAI's `param`.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 SCHEDULERS: tuple[str, ...] = ("ddim", "euler", "euler_a", "dpmpp_2m", "lcm")
 OUTPUT_FORMATS: tuple[str, ...] = ("png", "jpeg", "webp")

@@ -15,8 +15,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from stepfleet.serving.bench.trace import TraceRequest, latency_stats
-from stepfleet.serving.costmodel import StepCostModel
 from stepfleet.serving.contracts import StepResult
+from stepfleet.serving.costmodel import StepCostModel
 from stepfleet.serving.planner import PlannerConfig, Seq, StepPlanner, apply_plan, update
 
 

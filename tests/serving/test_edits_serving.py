@@ -16,7 +16,13 @@ from stepfleet.serving.backbones import load_backbone
 from stepfleet.serving.contracts import EditPath, RequestKind
 from stepfleet.serving.edits.cache import TemplateCache
 from stepfleet.serving.edits.extension import EditExtension
-from stepfleet.serving.edits.templates import Template, TemplateKey, TemplateState, image_digest, record_params
+from stepfleet.serving.edits.templates import (
+    Template,
+    TemplateKey,
+    TemplateState,
+    image_digest,
+    record_params,
+)
 from stepfleet.serving.engine import Engine, EngineConfig
 from stepfleet.serving.loading import load_model
 from stepfleet.serving.params import EditSpec, GenerationParams

@@ -2,8 +2,8 @@
 
 import math
 
-from stepfleet.serving.costmodel import StepCostModel
 from stepfleet.serving.contracts import StepResult
+from stepfleet.serving.costmodel import StepCostModel
 from stepfleet.serving.planner import Phase, PlannerConfig, Seq, StepPlanner, apply_plan, update
 
 SHAPE = (4, 32, 32)

@@ -21,7 +21,12 @@ SIZE = 128
 
 
 def build_tiny_sd2(out, prediction_type: str) -> None:
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from stepfleet.serving.builtin_models import write_tokenizer_files
