@@ -120,34 +120,38 @@ _STRENGTH = Field(None, gt=0, le=1, description="how far from the template the e
 _IGNORED = "accepted for compatibility with OpenAI clients; does not change a diffusion model's output"
 
 
-class ImageGenerationRequest(BaseModel):
-    """`POST /v1/images/generations`: text to image."""
+class ImageRequestFields(BaseModel):
+    """Fields generations and edits share: OpenAI's, then stepfleet's extensions."""
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field(description="what to draw")
     model: str | None = Field(None, description="must name the served model when given")
     n: int = _N
-    size: Size | None = Field("auto", description="'WxH' (multiples of 8, within the worker's "
-                                                                "--max-image-size) or 'auto' (the model's own)")
     response_format: Literal["b64_json"] | None = _RESPONSE_FORMAT
     output_format: OutputFormat | None = _OUTPUT_FORMAT
     output_compression: int | None = _COMPRESSION
     quality: str | None = Field(None, description=_IGNORED)
-    style: str | None = Field(None, description=_IGNORED)
     background: str | None = Field(None, description=_IGNORED)
-    moderation: str | None = Field(None, description=_IGNORED)
     user: str | None = Field(None, description=_IGNORED)
     stream: bool | None = Field(None, description="streaming is not supported; true is refused")
     partial_images: int | None = Field(None, description=_IGNORED)
-    # stepfleet extensions
     num_inference_steps: int | None = _STEPS
     guidance_scale: float | None = _GUIDANCE
     seed: int | None = _SEED
-    negative_prompt: str | None = _NEGATIVE
     scheduler: Scheduler | None = _SCHEDULER
+    negative_prompt: str | None = _NEGATIVE
     priority: str | int | None = _PRIORITY
     deadline_ms: float | None = _DEADLINE
+
+
+class ImageGenerationRequest(ImageRequestFields):
+    """`POST /v1/images/generations`: text to image."""
+
+    prompt: str = Field(description="what to draw")
+    size: Size | None = Field("auto", description="'WxH' (multiples of 8, within the worker's "
+                                                                "--max-image-size) or 'auto' (the model's own)")
+    style: str | None = Field(None, description=_IGNORED)
+    moderation: str | None = Field(None, description=_IGNORED)
     # SDXL micro-conditioning (families without it ignore these)
     original_size: WxH | None = Field(None, description=(
         "'WxH': the size the model is told the image was taken from (SDXL micro-conditioning; "
@@ -160,10 +164,8 @@ class ImageGenerationRequest(BaseModel):
         "micro-conditioning; default 0,0). Families without micro-conditioning ignore it."))
 
 
-class ImageEditForm(BaseModel):
+class ImageEditForm(ImageRequestFields):
     """`POST /v1/images/edits` (multipart): inpaint the area a mask leaves transparent."""
-
-    model_config = ConfigDict(extra="forbid")
 
     image: UploadFile | None = Field(None, description="PNG, JPEG or WebP; sides multiples of 8 (or send template_id)")
     image_list: list[UploadFile] | None = Field(
@@ -173,27 +175,10 @@ class ImageEditForm(BaseModel):
         "(omitted: the whole image may change)"))
     prompt: str = Field(description="what the edited area should show")
     template_id: str | None = Field(None, description="a registered template to edit instead of an uploaded image")
-    model: str | None = Field(None, description="must name the served model when given")
-    n: int = _N
     size: Size | None = Field(None, description="must be the image's size, or 'auto'")
-    response_format: Literal["b64_json"] | None = _RESPONSE_FORMAT
-    output_format: OutputFormat | None = _OUTPUT_FORMAT
-    output_compression: int | None = _COMPRESSION
-    quality: str | None = Field(None, description=_IGNORED)
-    background: str | None = Field(None, description=_IGNORED)
     input_fidelity: str | None = Field(None, description=_IGNORED)
-    user: str | None = Field(None, description=_IGNORED)
-    stream: bool | None = Field(None, description="streaming is not supported; true is refused")
-    partial_images: int | None = Field(None, description=_IGNORED)
-    # stepfleet extensions; omitted ones default to the template's (so the edit takes the cached path)
-    num_inference_steps: int | None = _STEPS
-    guidance_scale: float | None = _GUIDANCE
-    seed: int | None = _SEED
-    scheduler: Scheduler | None = _SCHEDULER
+    #: Omitted generation settings default to the template's, so the edit takes the cached path.
     strength: float | None = _STRENGTH
-    negative_prompt: str | None = _NEGATIVE
-    priority: str | int | None = _PRIORITY
-    deadline_ms: float | None = _DEADLINE
 
 
 class TemplateForm(BaseModel):

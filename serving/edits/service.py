@@ -13,9 +13,8 @@ import asyncio
 from typing import Any
 
 from stepfleet.serving.edits.extension import EditExtension
-from stepfleet.serving.edits.templates import Template, record_params
+from stepfleet.serving.edits.templates import Template
 from stepfleet.serving.engine import Engine
-from stepfleet.serving.params import GenerationParams
 
 
 class TemplateService:
@@ -40,10 +39,10 @@ class TemplateService:
     def public(self, template: Template) -> dict[str, Any]:
         return template.public(self.edits.template_cached(template))
 
-    async def add(self, template: Template, negative_prompt: str | None = None) -> GenerationParams:
-        """Register `template` (at a step boundary); returns the RECORD request to submit for it."""
+    async def add(self, template: Template) -> None:
+        """Register `template` (at a step boundary); its RECORD request (`templates.record_params`)
+        is then submitted like any other, and makes it ready when it finishes."""
         await asyncio.wrap_future(self.engine.call_on_loop(lambda: self.edits.add_template(template)))
-        return record_params(template, negative_prompt)
 
     async def delete(self, template_id: str) -> bool:
         """Forget a template and its cached activations (at a step boundary); False if unknown."""

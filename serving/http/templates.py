@@ -32,8 +32,8 @@ async def create_template(form: Annotated[TemplateForm, Form(media_type="multipa
                           submit: SubmitTemplate, templates: Templates, state: State) -> dict[str, Any]:
     """Record `image` with these settings; edits with the same settings then take the cached path."""
     template = new_template(form, await read_image(form.image, state.limits), state)
-    validate(record_params(template, form.negative_prompt), state.limits)
-    params = await templates.add(template, form.negative_prompt)
+    params = validate(record_params(template, form.negative_prompt), state.limits)
+    await templates.add(template)
     try:
         await submit(params)
     except BaseException:  # a template whose recording failed or was abandoned is no template

@@ -219,6 +219,7 @@ def _pool_settings(obj, pool: int = 0) -> WorkerSettings:
         # a revision names a Hub commit (validation refuses one for other sources)
         ({"source": "pvc://models/sd15/v1"}, 0, {"model": "/models/sd15/v1", "revision": None}),
         ({"source": "builtin://tiny-sd", "family": "sd15"}, 1, {"model": "tiny-sd", "revision": None}),
+        ({"source": "builtin://tiny-sdxl", "family": "sdxl"}, 1, {"model": "tiny-sdxl", "family": "sdxl"}),
     ],
 )
 def test_worker_reads_back_what_the_spec_asks(model, pool, expect):
