@@ -1,4 +1,4 @@
-"""Serving fixtures: the tiny model loaded through `from_pretrained`, and a loopback server helper."""
+"""Serving fixtures: the tiny models (SD 1.x, SDXL) loaded through `from_pretrained`, and a loopback server helper."""
 
 from __future__ import annotations
 
@@ -16,6 +16,27 @@ def tiny_model():
     from stepfleet.serving.loading import load_model
 
     return load_model("tiny-sd", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl():
+    from stepfleet.serving.loading import load_model
+
+    return load_model("tiny-sdxl", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def sdxl_backbone(tiny_sdxl):
+    from stepfleet.serving.backbones import load_backbone
+
+    return load_backbone(tiny_sdxl)
+
+
+@pytest.fixture(scope="session")
+def sdxl_runner(sdxl_backbone):
+    from stepfleet.serving.runner import ModelRunner
+
+    return ModelRunner(sdxl_backbone)
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,6 @@ import pytest
 import torch
 from PIL import Image
 
-from stepfleet.serving.backbones import load_backbone
 from stepfleet.serving.contracts import EditPath, RequestKind
 from stepfleet.serving.edits.cache import TemplateCache
 from stepfleet.serving.edits.extension import EditExtension
@@ -24,7 +23,6 @@ from stepfleet.serving.edits.templates import (
     record_params,
 )
 from stepfleet.serving.engine import Engine, EngineConfig
-from stepfleet.serving.loading import load_model
 from stepfleet.serving.params import EditSpec, GenerationParams
 from stepfleet.serving.runner import ModelRunner
 
@@ -33,10 +31,9 @@ STEPS = 4
 CACHED, FULL = EditPath.CACHED, EditPath.FULL
 
 
-@pytest.fixture(scope="module", params=["tiny-sd", "tiny-sdxl"])
-def edit_runner(request, tiny_model):
-    model = tiny_model if request.param == "tiny-sd" else load_model(request.param, device="cpu")
-    backbone = load_backbone(model)
+@pytest.fixture(scope="module", params=["tiny_backbone", "sdxl_backbone"])
+def edit_runner(request):
+    backbone = request.getfixturevalue(request.param)
     cache = TemplateCache(max_bytes=256 << 20)
     edits = EditExtension(backbone, cache)
     r = ModelRunner(backbone, extensions=[edits])

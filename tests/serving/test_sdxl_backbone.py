@@ -22,27 +22,6 @@ SIZE = 128  # 16x16 latents: the same code paths as the default 256, a quarter o
 TOL = 1e-4  # max relative difference; float32 on CPU, batch size changes summation order only
 
 
-@pytest.fixture(scope="session")
-def tiny_sdxl():
-    from stepfleet.serving.loading import load_model
-
-    return load_model("tiny-sdxl", device="cpu")
-
-
-@pytest.fixture(scope="session")
-def sdxl_backbone(tiny_sdxl):
-    from stepfleet.serving.backbones import load_backbone
-
-    return load_backbone(tiny_sdxl)
-
-
-@pytest.fixture(scope="session")
-def sdxl_runner(sdxl_backbone):
-    from stepfleet.serving.runner import ModelRunner
-
-    return ModelRunner(sdxl_backbone)
-
-
 def gp(prompt="a red cat", steps=5, scheduler=None, n=1, guidance=7.5, seed=0, negative=None, width=SIZE,
        height=SIZE, original=None, crop=(0, 0), target=None) -> GenerationParams:
     return GenerationParams(prompt=prompt, width=width, height=height, n=n, num_inference_steps=steps,
