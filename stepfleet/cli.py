@@ -19,8 +19,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "operator": ("stepfleet.operator.main:main", "run the kopf operator that reconciles DiffusionServices"),
     "router": ("stepfleet.serving.router.cli:main", "run the router: OpenAI-compatible front door over worker pools"),
     "simulate": ("stepfleet.operator.simulator.cli:main", "simulate the cost/capacity loop against baselines"),
+    "train": ("stepfleet.training.cli:main", "train the project's own small model (mini-sd) on Fashion-MNIST scenes"),
     "up": ("stepfleet.operator.local.cli:main", "run a local fleet: router, workers per pool and the control loop"),
     "worker": ("stepfleet.serving.cli:worker_main", "run a worker: the step-level engine behind the image API"),
+}
+
+
+#: (command, subcommand) -> "module:function" for subcommands that live in another package
+#: than their command's (the quality bench is the training package's: serving never imports it).
+SUBCOMMANDS: dict[tuple[str, str], str] = {
+    ("bench", "quality"): "stepfleet.training.quality:main",
 }
 
 
@@ -46,7 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"stepfleet: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module_name, func_name = COMMANDS[name][0].split(":")
+    target = COMMANDS[name][0]
+    if rest and (name, rest[0]) in SUBCOMMANDS:
+        target, rest = SUBCOMMANDS[(name, rest[0])], rest[1:]
+    module_name, func_name = target.split(":")
     func = getattr(importlib.import_module(module_name), func_name)
     return int(func(rest) or 0)
 

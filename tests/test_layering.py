@@ -28,7 +28,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Source directory -> the package it installs as (pyproject's `package-dir`).
-PACKAGES = {"stepfleet": "stepfleet", "serving": "stepfleet.serving", "operator": "stepfleet.operator"}
+PACKAGES = {"stepfleet": "stepfleet", "serving": "stepfleet.serving", "operator": "stepfleet.operator",
+            "training": "stepfleet.training"}
 HEAVY = ("torch", "diffusers", "transformers", "fastapi", "starlette", "uvicorn", "kopf", "kubernetes", "httpx")
 PURE_SERVING = [
     "planner.py",
@@ -187,6 +188,8 @@ DIRECTIONS = [
     Direction("edits-know-no-http", (f"{_S}.edits",), (f"{_S}.http", "fastapi", "starlette")),
     Direction("backbones-know-no-edits-or-http", (f"{_S}.backbones",), (f"{_S}.edits", f"{_S}.http")),
     Direction("serving-knows-no-operator", (_S,), ("stepfleet.operator",)),
+    # Training stands on serving (tokenizer, loading, the edit bench); serving never needs it.
+    Direction("serving-knows-no-training", (_S, "stepfleet.operator"), ("stepfleet.training",)),
 ]
 
 

@@ -242,7 +242,7 @@ def _parser() -> argparse.ArgumentParser:
                     "(the operator's decide) starting and stopping workers and setting the router's weights.")
     ap.add_argument("--pools", default="cpu:0.10",
                     help="NAME:PRICE[,NAME:PRICE...]: pools and their (pretend) price per hour (default cpu:0.10)")
-    ap.add_argument("--model", default="tiny-sd", help="what every worker serves: built-in name, directory or hub id")
+    ap.add_argument("--model", default="mini-sd", help="what every worker serves: built-in name, directory or hub id")
     ap.add_argument("--host", default="127.0.0.1", help="address of the router and the workers (loopback)")
     ap.add_argument("--port", type=int, default=8000, help="router port (0: any free port)")
     ap.add_argument("--min-workers", type=int, default=1, help="workers per pool at least")

@@ -1,7 +1,7 @@
 """`make demo`: start `stepfleet up`, ask its router for an image with the official `openai` client.
 
-Runs the local fleet as a user would (`stepfleet up` in the background: router, one tiny-sd
-worker, control loop), waits until the router has a ready worker, generates one image
+Runs the local fleet as a user would (`stepfleet up` in the background: router, one worker of
+the trained built-in `mini-sd`, control loop), waits until the router has a ready worker, generates one image
 through `openai.OpenAI(base_url=ROUTER/v1).images.generate`, writes it to disk, and stops the
 fleet with SIGINT, as Ctrl-C would.
 """
@@ -60,8 +60,10 @@ def stop(proc: subprocess.Popen, timeout_s: float = 60.0) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="demo.png")
-    ap.add_argument("--prompt", default="a lighthouse on a cliff at sunset, oil painting")
-    ap.add_argument("--model", default="tiny-sd")
+    ap.add_argument("--prompt", default="a red ankle boot on a blue background")
+    ap.add_argument("--model", default="mini-sd")
+    ap.add_argument("--size", default=None, help="WxH (default: the model's native size, 64x64 for mini-sd)")
+    ap.add_argument("--guidance-scale", type=float, default=5.0)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--port", type=int, default=0, help="router port (0: any free port)")
     args = ap.parse_args(argv)
@@ -83,9 +85,9 @@ def main(argv: list[str] | None = None) -> int:
             result = client.images.generate(
                 model=args.model,
                 prompt=args.prompt,
-                size="256x256",
                 response_format="b64_json",
-                extra_body={"num_inference_steps": args.steps, "seed": 42},
+                extra_body={"num_inference_steps": args.steps, "seed": 42, "guidance_scale": args.guidance_scale},
+                **({"size": args.size} if args.size else {}),
             )
             out.write_bytes(base64.b64decode(result.data[0].b64_json))
             print(f"wrote {out} via {url} ({time.perf_counter() - t0:.2f}s, prompt {args.prompt!r})", flush=True)

@@ -128,7 +128,8 @@ class Bench:
         self.cache.close()
 
     # -- requests ------------------------------------------------------------------------
-    def register_template(self) -> float:
+    def register_template(self, prompt: str = "a template photo") -> float:
+        """Record `self.image` as the template (replacing any earlier one); seconds it took."""
         from stepfleet.serving.edits.templates import (
             Template,
             TemplateKey,
@@ -139,7 +140,8 @@ class Bench:
 
         c = self.cfg
         key = TemplateKey(c.size, c.size, c.steps, c.scheduler, c.guidance_scale, c.seed)
-        t = Template(id=TEMPLATE_ID, key=key, prompt="a template photo", image=self.image,
+        self.edits.drop_template(TEMPLATE_ID)
+        t = Template(id=TEMPLATE_ID, key=key, prompt=prompt, image=self.image,
                      digest=image_digest(self.image))
         self.edits.add_template(t)
         t0 = time.perf_counter()

@@ -86,7 +86,7 @@ def test_up_serves_survives_a_killed_worker_and_stops_cleanly(fleet_up):
     assert f"ready: {url}/v1" in _wait("the ready line", lambda: "ready: " in log.read_text() and log.read_text(), 10, log)
     client = OpenAI(base_url=f"{url}/v1", api_key="not-needed", max_retries=0, timeout=60)
 
-    gen = client.images.generate(model="tiny-sd", prompt="a red cube", size="64x64", response_format="b64_json",
+    gen = client.images.generate(model="mini-sd", prompt="a red bag on a white background", size="64x64", response_format="b64_json",
                                  extra_body={"num_inference_steps": 3, "seed": 1})
     assert Image.open(io.BytesIO(base64.b64decode(gen.data[0].b64_json))).size == (64, 64)
 
@@ -113,7 +113,7 @@ def test_up_serves_survives_a_killed_worker_and_stops_cleanly(fleet_up):
     assert f"worker {worker['name']} (pid {worker['pid']}) died: killed by signal 9" in said
     assert f"worker {worker['name']} was killed by signal 9; restarting (restart 1)" in said
     wait_ready(state_dir, proc, timeout_s=30)  # the router sees the new worker
-    gen = client.images.generate(model="tiny-sd", prompt="after the restart", size="64x64",
+    gen = client.images.generate(model="mini-sd", prompt="after the restart", size="64x64",
                                  response_format="b64_json", extra_body={"num_inference_steps": 3})
     assert gen.data[0].b64_json
 

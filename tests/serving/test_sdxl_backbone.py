@@ -119,10 +119,11 @@ def test_builtin_versions_name_cache_directories(tmp_path):
         BUILTIN_MODELS,
         BUILTIN_VERSIONS,
         TINY_SD_VERSION,
+        TRAINED_BUILTINS,
         ensure_builtin,
     )
 
-    assert set(BUILTIN_VERSIONS) == set(BUILTIN_MODELS) and BUILTIN_VERSIONS["tiny-sd"] == TINY_SD_VERSION
+    assert set(BUILTIN_VERSIONS) | set(TRAINED_BUILTINS) == set(BUILTIN_MODELS) and BUILTIN_VERSIONS["tiny-sd"] == TINY_SD_VERSION
     path = ensure_builtin("tiny-sdxl", tmp_path)
     assert path.name == f"tiny-sdxl-v{BUILTIN_VERSIONS['tiny-sdxl']}"
     assert ensure_builtin("tiny-sdxl", tmp_path) == path  # built once
