@@ -9,6 +9,10 @@ fine while a big model loads for minutes) and reports ready on `/readyz` only af
 warm-up request ran and the step-cost curve was timed. A load that fails — a
 `FamilyMismatch` between the settings and the checkpoint, missing weights — is reported on
 `/readyz` as `{"status": "failed", "error": "FamilyMismatch: ..."}`.
+
+With a worker token (`--worker-token-file`, or `$STEPFLEET_WORKER_TOKEN`) every request but
+the probes, the scrape and the schema must carry it (`serving.worker_auth`): in a fleet only
+the router talks to a worker.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from stepfleet.serving.http.uploads import set_pixel_limit
 from stepfleet.serving.middleware import RequestIdMiddleware
 from stepfleet.serving.params import GenerationParams
 from stepfleet.serving.settings import WorkerSettings
+from stepfleet.serving.worker_auth import WorkerAuthMiddleware, load_token
 
 if TYPE_CHECKING:
     from stepfleet.serving.edits.extension import EditExtension
@@ -70,7 +75,10 @@ def create_app(
     app = FastAPI(title="stepfleet worker", version="0.1.0", lifespan=lifespan)
     app.state.worker = state
     install_error_handlers(app, on_invalid=state.count_invalid)
-    app.add_middleware(RequestIdMiddleware, extra_headers=state.load_headers)
+    token = load_token(settings.worker_token_file)
+    if token is not None:
+        app.add_middleware(WorkerAuthMiddleware, token=token)
+    app.add_middleware(RequestIdMiddleware, extra_headers=state.load_headers)  # outermost: ids on 401s too
     for router in ROUTERS:
         app.include_router(router)
     set_pixel_limit(settings.max_image_size)

@@ -23,11 +23,13 @@ _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     404: "not_found_error",
+    409: "invalid_request_error",
     411: "invalid_request_error",
     413: "invalid_request_error",
     422: "invalid_request_error",
     429: "rate_limit_error",
     503: "service_unavailable",
+    504: "timeout_error",
 }
 #: pydantic error types with a code of their own; everything else is `invalid_value`.
 _CODES = {"extra_forbidden": "unknown_parameter", "missing": "missing_parameter"}

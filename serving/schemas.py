@@ -14,6 +14,13 @@ worker's `/openapi.json` (`serving.http.openapi`).
 
 Multipart bodies (edits, templates) are form models: FastAPI reads them with
 `Annotated[Model, Form()]`, file fields as `UploadFile`.
+
+What a model cannot take is refused here, naming the field, so no client mistake reaches a
+tokenizer or the engine (where it was a 500 that the router retried on every worker, issue
+19): text that is not valid Unicode (a lone surrogate, which JSON's `\\ud800` escape makes)
+or longer than a bound, numbers that are not finite, and sizes in any spelling but ASCII
+`WxH`. JSON bodies are strict, as their types say: `n: true` or `n: "2"` is an error, not 1
+or 2 (a form sends every value as text, so form models convert text to numbers).
 """
 
 from __future__ import annotations
@@ -22,7 +29,15 @@ import re
 from typing import Annotated, Any, Literal
 
 from fastapi import UploadFile
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    WithJsonSchema,
+)
 
 from stepfleet.serving.params import OUTPUT_FORMATS, SCHEDULERS
 
@@ -38,17 +53,48 @@ MAX_CONDITIONING_SIDE = 16384
 Scheduler = Literal[SCHEDULERS]  # type: ignore[valid-type]
 OutputFormat = Literal[OUTPUT_FORMATS]  # type: ignore[valid-type]
 
-_SIZE = r"^(auto|\d{1,5}x\d{1,5})$"
-_WXH = r"^[1-9]\d{0,4}x[1-9]\d{0,4}$"
-_PAIR = re.compile(r"^\s*(\d{1,5})\s*,\s*(\d{1,5})\s*$")
+#: Longest prompt (and negative prompt) in characters; what `params.Limits` allows too.
+MAX_PROMPT_CHARS = 4000
+#: Longest short text field (`model`, `user`, a template id, the ignored OpenAI settings).
+MAX_NAME_CHARS = 256
+#: Latest deadline a request may ask for: a day (a later one only overflows clocks).
+MAX_DEADLINE_MS = 86_400_000
+
+# ASCII digits only (`\d` also matches other scripts' digits, which int() reads), and the
+# whole string: the JSON Schema patterns use `^...$`; the checks use `fullmatch`, so a
+# trailing newline (which Python's `$` lets through) is refused too.
+_SIZE = r"^(auto|[0-9]{1,5}x[0-9]{1,5})$"
+_WXH = r"^[1-9][0-9]{0,4}x[1-9][0-9]{0,4}$"
+_PAIR = re.compile(r"[ ]*([0-9]{1,5})[ ]*,[ ]*([0-9]{1,5})[ ]*")
+
+
+def _unicode_text(value: str) -> str:
+    """Refuse text that is not valid Unicode: lone surrogates cannot be encoded, so a tokenizer
+    (or any UTF-8 output) fails on them."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"must be valid Unicode text (a lone surrogate at position {exc.start})") from None
+    return value
+
+
+def _text(max_chars: int) -> Any:
+    """A string of at most `max_chars` characters of valid Unicode."""
+    return Annotated[str, StringConstraints(max_length=max_chars), AfterValidator(_unicode_text)]
+
+
+#: What to draw (or not): a prompt.
+Prompt = _text(MAX_PROMPT_CHARS)
+#: Any short text field.
+Name = _text(MAX_NAME_CHARS)
 
 
 def _matching(pattern: str, form: str) -> AfterValidator:
     """Check `pattern` with a message a person reads (pydantic's would quote the regex)."""
-    regex = re.compile(pattern)
+    regex = re.compile(pattern.removeprefix("^").removesuffix("$"))
 
     def check(value: str) -> str:
-        if not regex.match(value):
+        if not regex.fullmatch(value):
             raise ValueError(f"must look like {form} (got {value!r})")
         return value
 
@@ -75,7 +121,7 @@ def _top_left(value: Any) -> Any:
     """`"top,left"` or `[top, left]` → (top, left); anything else is a ValueError naming the forms."""
     if value is None:
         return None
-    if isinstance(value, str) and (m := _PAIR.match(value)):
+    if isinstance(value, str) and (m := _PAIR.fullmatch(value)):
         pair = (int(m.group(1)), int(m.group(2)))
     elif (isinstance(value, (list, tuple)) and len(value) == 2
           and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
@@ -93,7 +139,7 @@ TopLeft = Annotated[
     BeforeValidator(_top_left),
     WithJsonSchema({
         "anyOf": [
-            {"type": "string", "pattern": r"^\d{1,5},\d{1,5}$", "examples": ["0,0"]},
+            {"type": "string", "pattern": r"^[0-9]{1,5},[0-9]{1,5}$", "examples": ["0,0"]},
             {"type": "array", "prefixItems": [{"type": "integer", "minimum": 0, "maximum": MAX_CONDITIONING_SIDE}] * 2,
              "minItems": 2, "maxItems": 2},
             {"type": "null"},
@@ -111,7 +157,9 @@ _GUIDANCE = Field(None, ge=0, le=50, description="classifier-free guidance scale
 _SEED = Field(None, ge=0, lt=2**63, description="random seed; the same seed and settings give the same image")
 _SCHEDULER = Field(None, description="sampler (omitted: the model's own)")
 _NEGATIVE = Field(None, description="what the image should not show")
-_DEADLINE = Field(None, gt=0, description="milliseconds after arrival the result is due (orders waiting work)")
+_DEADLINE = Field(None, gt=0, le=MAX_DEADLINE_MS, description=(
+    "milliseconds after arrival the result is due: orders waiting work on the worker, and the router "
+    "gives up (504) when it passes"))
 _PRIORITY = Field(None, description="'low', 'normal' (default) or 'high' (also 0, 1, 2)")
 _COMPRESSION = Field(None, ge=0, le=100, description="JPEG/WebP quality, 0-100 (default 90)")
 _RESPONSE_FORMAT = Field("b64_json", description="images are returned inline, base64-encoded")
@@ -123,35 +171,37 @@ _IGNORED = "accepted for compatibility with OpenAI clients; does not change a di
 class ImageRequestFields(BaseModel):
     """Fields generations and edits share: OpenAI's, then stepfleet's extensions."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    model: str | None = Field(None, description="must name the served model when given")
+    model: Name | None = Field(None, description="must name the served model when given")
     n: int = _N
     response_format: Literal["b64_json"] | None = _RESPONSE_FORMAT
     output_format: OutputFormat | None = _OUTPUT_FORMAT
     output_compression: int | None = _COMPRESSION
-    quality: str | None = Field(None, description=_IGNORED)
-    background: str | None = Field(None, description=_IGNORED)
-    user: str | None = Field(None, description=_IGNORED)
+    quality: Name | None = Field(None, description=_IGNORED)
+    background: Name | None = Field(None, description=_IGNORED)
+    user: Name | None = Field(None, description=_IGNORED)
     stream: bool | None = Field(None, description="streaming is not supported; true is refused")
     partial_images: int | None = Field(None, description=_IGNORED)
     num_inference_steps: int | None = _STEPS
     guidance_scale: float | None = _GUIDANCE
     seed: int | None = _SEED
     scheduler: Scheduler | None = _SCHEDULER
-    negative_prompt: str | None = _NEGATIVE
-    priority: str | int | None = _PRIORITY
+    negative_prompt: Prompt | None = _NEGATIVE
+    priority: Name | int | None = _PRIORITY
     deadline_ms: float | None = _DEADLINE
 
 
 class ImageGenerationRequest(ImageRequestFields):
-    """`POST /v1/images/generations`: text to image."""
+    """`POST /v1/images/generations`: text to image (a JSON body, validated strictly)."""
 
-    prompt: str = Field(description="what to draw")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
+
+    prompt: Prompt = Field(description="what to draw")
     size: Size | None = Field("auto", description="'WxH' (multiples of 8, within the worker's "
                                                                 "--max-image-size) or 'auto' (the model's own)")
-    style: str | None = Field(None, description=_IGNORED)
-    moderation: str | None = Field(None, description=_IGNORED)
+    style: Name | None = Field(None, description=_IGNORED)
+    moderation: Name | None = Field(None, description=_IGNORED)
     # SDXL micro-conditioning (families without it ignore these)
     original_size: WxH | None = Field(None, description=(
         "'WxH': the size the model is told the image was taken from (SDXL micro-conditioning; "
@@ -173,10 +223,10 @@ class ImageEditForm(ImageRequestFields):
     mask: UploadFile | None = Field(None, description=(
         "PNG of the image's size; fully transparent pixels (alpha 0) mark the area to edit "
         "(omitted: the whole image may change)"))
-    prompt: str = Field(description="what the edited area should show")
-    template_id: str | None = Field(None, description="a registered template to edit instead of an uploaded image")
+    prompt: Prompt = Field(description="what the edited area should show")
+    template_id: Name | None = Field(None, description="a registered template to edit instead of an uploaded image")
     size: Size | None = Field(None, description="must be the image's size, or 'auto'")
-    input_fidelity: str | None = Field(None, description=_IGNORED)
+    input_fidelity: Name | None = Field(None, description=_IGNORED)
     #: Omitted generation settings default to the template's, so the edit takes the cached path.
     strength: float | None = _STRENGTH
 
@@ -184,11 +234,11 @@ class ImageEditForm(ImageRequestFields):
 class TemplateForm(BaseModel):
     """`POST /v1/templates` (multipart): register an image for cached edits."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     image: UploadFile = Field(description="PNG, JPEG or WebP; its size is the template's (sides multiples of 8)")
-    prompt: str = Field("", description="the prompt the template is recorded with")
-    negative_prompt: str | None = _NEGATIVE
+    prompt: Prompt = Field("", description="the prompt the template is recorded with")
+    negative_prompt: Prompt | None = _NEGATIVE
     size: Size | None = Field(None, description="must be the image's size, or 'auto'")
     # The settings that key the cache: an edit with all of them equal takes the cached path.
     num_inference_steps: int | None = _STEPS

@@ -92,6 +92,14 @@ class WorkerSettings(BaseModel):
     max_upload_bytes: int = Field(
         default=32 * 1024**2, ge=1024, description="largest accepted multipart upload (edits, templates); larger is 413"
     )
+    max_json_bytes: int = Field(
+        default=1024**2, ge=1024, description="largest accepted JSON body (generations); larger is 413"
+    )
+    worker_token_file: str | None = Field(
+        default=None,
+        description="file holding the token the router sends (Authorization: Bearer); requests without it are "
+        "401 (default: $STEPFLEET_WORKER_TOKEN; neither set: no token is asked for)",
+    )
 
     @field_validator("device")
     @classmethod

@@ -3,7 +3,8 @@
 Each answers for itself when it cannot be had, so a route's signature says what it needs
 and its body never checks: `ReadyEngine` is 503 with `Retry-After` while the model loads or
 after it failed to load (with the load error), `Templates` is 501 when the model cannot do
-edits, `Submit*` submit as one request kind.
+edits, `Submit*` submit as one request kind, `Tenant` is whom the request speaks for (the
+router names it; `serving.worker_auth`).
 
 All are `async def`: FastAPI runs a plain `def` dependency on its thread pool, a
 round-trip this trivial work does not need.
@@ -14,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Header, Request
 
 from stepfleet.serving.contracts import RequestKind
 from stepfleet.serving.engine import Engine
@@ -23,6 +24,7 @@ from stepfleet.serving.http.state import WorkerState
 from stepfleet.serving.http.submit import Submission
 from stepfleet.serving.params import Limits
 from stepfleet.serving.settings import WorkerSettings
+from stepfleet.serving.worker_auth import tenant_of
 
 if TYPE_CHECKING:
     from stepfleet.serving.edits.service import TemplateService
@@ -70,6 +72,16 @@ async def template_service(state: State, _: ReadyEngine) -> TemplateService:
 
 
 Templates = Annotated["TemplateService", Depends(template_service)]
+
+
+async def request_tenant(
+    x_stepfleet_tenant: Annotated[str | None, Header(include_in_schema=False)] = None,
+) -> str:
+    return tenant_of(x_stepfleet_tenant)
+
+
+#: The tenant the router named for this request ("" when none): what it may see and own.
+Tenant = Annotated[str, Depends(request_tenant)]
 
 
 def submission(kind: RequestKind) -> Callable[..., Awaitable[Submission]]:

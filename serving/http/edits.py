@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from stepfleet.serving.contracts import EditPath
 from stepfleet.serving.edits.templates import Template, image_digest
 from stepfleet.serving.errors import APIError
-from stepfleet.serving.http.deps import State, SubmitEdit, Templates
+from stepfleet.serving.http.deps import State, SubmitEdit, Templates, Tenant
 from stepfleet.serving.http.fields import check_image_size, check_model, check_no_stream
 from stepfleet.serving.http.openapi import EDIT_ERRORS, ERRORS
 from stepfleet.serving.http.state import WorkerState
@@ -44,9 +44,9 @@ router = APIRouter(tags=["images"], route_class=UploadRoute)
     response_description=f"the edited images; `{EDIT_PATH_HEADER}` says whether the cached path ran",
 )
 async def create_edit(form: Annotated[ImageEditForm, Form(media_type="multipart/form-data")], submit: SubmitEdit,
-                      templates: Templates, state: State) -> JSONResponse:
+                      templates: Templates, state: State, tenant: Tenant) -> JSONResponse:
     """Inpaint the area the mask leaves transparent; the rest keeps the image's pixels exactly."""
-    template, image = await edit_source(form, templates, state)
+    template, image = await edit_source(form, templates, state, tenant)
     mask = await read_mask(form.mask, image.size)
     done = await submit(edit_params(form, image, mask, template, state))
     path = done.result.edit_path or EditPath.FULL
@@ -55,11 +55,12 @@ async def create_edit(form: Annotated[ImageEditForm, Form(media_type="multipart/
     return JSONResponse(body, headers={EDIT_PATH_HEADER: path.value})
 
 
-async def edit_source(form: ImageEditForm, templates: TemplateService,
-                      state: WorkerState) -> tuple[Template | None, Image.Image]:
-    """The template the edit is of (if any) and the image it edits (404 for an unknown `template_id`)."""
+async def edit_source(form: ImageEditForm, templates: TemplateService, state: WorkerState,
+                      tenant: str = "") -> tuple[Template | None, Image.Image]:
+    """The template the edit is of (if any) and the image it edits (404 for an unknown `template_id`,
+    or one of another tenant's)."""
     if form.template_id:
-        template = templates.get(form.template_id)
+        template = templates.get(form.template_id, tenant)
         if template is None:
             raise APIError(404, f"template_id: no template {form.template_id!r}", param="template_id",
                            code="template_not_found")
@@ -68,7 +69,7 @@ async def edit_source(form: ImageEditForm, templates: TemplateService,
     if upload is None:
         raise APIError(400, "image: send an image (or a template_id)", param="image", code="missing_parameter")
     image = await read_image(upload, state.limits)
-    return templates.find(image_digest(image)), image
+    return templates.find(image_digest(image), tenant), image
 
 
 def edit_params(form: ImageEditForm, image: Image.Image, mask: torch.Tensor, template: Template | None,

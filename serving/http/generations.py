@@ -7,13 +7,14 @@ from fastapi.responses import JSONResponse
 
 from stepfleet.serving.http.deps import State, SubmitGeneration
 from stepfleet.serving.http.fields import check_model, check_no_stream
+from stepfleet.serving.http.json_route import JSONRoute
 from stepfleet.serving.http.openapi import ERRORS
 from stepfleet.serving.http.state import WorkerState
 from stepfleet.serving.http.submit import images_body
 from stepfleet.serving.params import GenerationParams, Priority, parse_size, validate
 from stepfleet.serving.schemas import ImageGenerationRequest, ImagesResponse
 
-router = APIRouter(tags=["images"])
+router = APIRouter(tags=["images"], route_class=JSONRoute)
 
 
 @router.post("/v1/images/generations", response_model=ImagesResponse, responses=ERRORS)

@@ -24,6 +24,10 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 EDIT_ERRORS: dict[int | str, dict[str, Any]] = {
     501: {"model": ErrorResponse, "description": "this worker's model does not support edits"},
 }
+#: The router's own: a request's `deadline_ms` passed before any worker answered.
+DEADLINE_ERRORS: dict[int | str, dict[str, Any]] = {
+    504: {"model": ErrorResponse, "description": "`deadline_ms` passed before a worker answered (router)"},
+}
 #: Routes that look a template up.
 LOOKUP_ERRORS: dict[int | str, dict[str, Any]] = {
     "4XX": {"model": ErrorResponse, "description": "404: no such template"},

@@ -5,9 +5,15 @@ background loops (config reload, worker load polling, discovery) and the routes.
 a config object and a static fleet; the CLI passes the file path so edits are picked up.
 
 What the router checks itself, before any worker sees a request: API key and per-key rate
-(401/429), body size (413), JSON syntax and the generation schema (400 naming the field),
-the edit form's required fields. Everything else is the worker's to judge, and its answer
-(a 4xx with its own message) is passed through unchanged.
+(401/429), body size (413), JSON syntax and depth (`serving.jsonbody`), and the generation,
+edit and template schemas (400 naming the field). A client's mistake is never sent to a
+worker, so it is never retried there nor blamed on one (issue 19). Everything else is the
+worker's to judge, and its answer (a 4xx with its own message) is passed through unchanged.
+
+What the router adds to what it forwards: its worker token, the tenant of the request's API
+key, and, for a new template, the id it chose (`serving.worker_auth`); a request's
+`deadline_ms` bounds its attempts (504 past it, `forwarding`); template lookups and listings
+ask every worker (`templates`).
 
 Its `/openapi.json` documents the request bodies with the workers' own models
 (`serving.schemas`), declared through `openapi_extra` rather than as parameters: FastAPI
@@ -20,12 +26,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +43,11 @@ from pydantic import BaseModel, ValidationError
 
 from stepfleet.serving.errors import (
     APIError,
-    error_response,
     install_error_handlers,
     validation_error,
 )
+from stepfleet.serving.http.openapi import DEADLINE_ERRORS, EDIT_ERRORS, ERRORS, LOOKUP_ERRORS
+from stepfleet.serving.jsonbody import parse_object, read_bounded
 from stepfleet.serving.middleware import RequestIdMiddleware
 from stepfleet.serving.router import costing
 from stepfleet.serving.router.auth import (
@@ -54,22 +62,67 @@ from stepfleet.serving.router.balancing import Balancer
 from stepfleet.serving.router.config import ConfigError, RouterConfig, RouterSettings, parse_config
 from stepfleet.serving.router.discovery import Discovery, StaticDiscovery
 from stepfleet.serving.router.forwarding import Forwarder, UpstreamReply, make_client
+from stepfleet.serving.router.health import Health
 from stepfleet.serving.router.metrics import RouterMetrics
 from stepfleet.serving.router.state import FleetState
-from stepfleet.serving.router.upstream import ConnectFailed, UpstreamClient, UpstreamError
-from stepfleet.serving.schemas import ImageEditForm, ImageGenerationRequest, TemplateForm
+from stepfleet.serving.router.templates import (
+    TemplateHomes,
+    ask_all,
+    first_found,
+    merge_lists,
+    new_template_id,
+    registered_id,
+)
+from stepfleet.serving.router.upstream import UpstreamClient, request_target
+from stepfleet.serving.schemas import (
+    ImageEditForm,
+    ImageGenerationRequest,
+    ImagesResponse,
+    TemplateDeleted,
+    TemplateForm,
+    TemplateList,
+    TemplateObject,
+)
+from stepfleet.serving.worker_auth import TEMPLATE_ID_HEADER, TENANT_HEADER, bearer, load_token
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("stepfleet.router.access")
 
 #: A template request's cost away from the template's home: large, so the home wins unless unusable.
+#: An edit of a template pays it too: only the worker that registered a template holds it (its
+#: image and activations); anywhere else the edit is a 404.
 TEMPLATE_MISS_UNITS = 1000.0
+#: Template lookups, listings and deletions are bookkeeping a worker answers between steps, in
+#: milliseconds; one that just hung must not hold the answer for the upstream timeout.
+LOOKUP_TIMEOUT_S = 10.0
+#: Form bodies, as the workers read them (`serving.http.uploads`).
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 
 
 def documented_body(model: type[BaseModel], media_type: str) -> dict[str, Any]:
     """`openapi_extra` that documents `model` as the body of a route that forwards raw bytes."""
     schema = model.model_json_schema()  # self-contained: nested definitions stay in its `$defs`
     return {"requestBody": {"required": True, "content": {media_type: {"schema": schema}}}}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the router learned of a request before forwarding it."""
+
+    cost: costing.RequestCost
+    #: The client's `deadline_ms`: attempts and retries end when it passes (504).
+    deadline_ms: float | None = None
+    #: Headers only the router sends (a new template's id).
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+def upstream_target(request: Request) -> str:
+    """The path and query as the client sent them (raw bytes, percent-encoded where needed),
+    not Starlette's decoded path: a decoded `%2F` would become a separator, and characters
+    outside Latin-1 could not be written into a request line (issue 19)."""
+    raw = request.scope.get("raw_path") or request.url.path.encode()
+    query = request.scope.get("query_string") or b""
+    return request_target(raw.decode("utf-8", "surrogateescape"), query.decode("utf-8", "surrogateescape"))
 
 
 class Router:
@@ -87,8 +140,13 @@ class Router:
         self.balancer = Balancer(settings.policy, settings.max_inflight_per_worker)
         self.client = client
         self.forwarder: Forwarder | None = None
+        self.health: Health | None = None
         self.keys: dict[str, KeySpec] | None = None
         self.limiter = RateLimiter()
+        self.homes = TemplateHomes()
+        token = load_token(settings.worker_token_file)
+        #: Sent to every worker with every request: the router's credential.
+        self.worker_headers: list[tuple[str, str]] = [bearer(token)] if token else []
         self._config_text: str | None = None
         self._keys_text: str | None = None
         self.apply_config(config)
@@ -150,15 +208,18 @@ class Router:
         now = self.clock()
         mi = self.settings.max_inflight_per_worker
         self.metrics.endpoints.clear()
+        self.metrics.inflight.clear()
         for p in self.fleet.pools:
             usable = sum(1 for e in p.endpoints if e.usable(now, mi))
             self.metrics.endpoints.labels(p.name, "usable").set(usable)
             self.metrics.endpoints.labels(p.name, "unusable").set(len(p.endpoints) - usable)
+            self.metrics.inflight.labels(p.name).set(sum(e.inflight for e in p.endpoints))
 
     # -- per request ---------------------------------------------------------------------------
-    def authorize(self, request: Request) -> None:
+    def authorize(self, request: Request) -> str | None:
+        """The tenant of the request's API key (None when the router takes no keys); 401/429 otherwise."""
         if self.keys is None:
-            return
+            return None
         token = bearer_token(request.headers.get("authorization"))
         spec = self.keys.get(digest(token)) if token else None
         if spec is None:
@@ -168,23 +229,15 @@ class Router:
         if wait > 0:
             raise APIError(429, f"rate limit of {spec.rps:g} requests/s exceeded for this key",
                            code="rate_limit_exceeded", headers={"Retry-After": str(max(1, int(wait + 0.999)))})
+        return spec.tenant
 
-    async def read_body(self, request: Request) -> bytes:
-        limit = self.settings.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise APIError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes",
-                           code="request_too_large")
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise APIError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
-            chunks.append(chunk)
-        body = b"".join(chunks)
-        request._body = body  # so request.form() can parse what we already read
-        return body
+    def headers_for(self, tenant: str | None) -> list[tuple[str, str]]:
+        """What the router adds to a request for `tenant`: its token, and the tenant."""
+        return self.worker_headers + ([(TENANT_HEADER, tenant)] if tenant else [])
+
+    def available_workers(self) -> list[Any]:
+        now = self.clock()
+        return [e for e in self.fleet.endpoints() if e.available(now)]
 
 
 async def _until_disconnect(request: Request) -> None:
@@ -224,15 +277,17 @@ def create_app(config: RouterConfig, settings: RouterSettings | None = None, *, 
         loop = asyncio.get_running_loop()
         own_client = router.client is None
         router.client = router.client or make_client(settings)
+        router.health = Health(settings, router.fleet, router.client, router.metrics, router.worker_headers,
+                               router.clock)
         router.forwarder = Forwarder(settings, router.fleet, router.balancer, router.metrics, router.client,
-                                     router.clock)
+                                     router.clock, router.health)
 
         def on_change(pool: str, urls: list[str] | None) -> None:  # called from discovery threads
             loop.call_soon_threadsafe(router.fleet.set_endpoints, pool, urls)
 
         assert router.fleet.config is not None
         router.discovery.start(router.fleet.config, on_change)
-        tasks = [asyncio.create_task(_poll_loads(router)), asyncio.create_task(_reload_loop(router))]
+        tasks = [asyncio.create_task(router.health.run()), asyncio.create_task(_reload_loop(router))]
         # Everything allocated so far (FastAPI, pydantic, prometheus: ~10^5 objects) lives for
         # the whole process; freezing it keeps the cyclic GC from walking it on every full
         # collection, which otherwise shows up as 20-40 ms pauses in the router's p99.
@@ -253,22 +308,28 @@ def create_app(config: RouterConfig, settings: RouterSettings | None = None, *, 
     install_error_handlers(app)
     app.add_middleware(RequestIdMiddleware)
 
-    async def proxied(request: Request, route: str, cost_of: Callable[[bytes], Awaitable[costing.RequestCost]],
-                      path: str | None = None) -> Response:
-        """Auth, body, cost, forward with failover, answer; one metrics line and one log line per request."""
+    async def proxied(request: Request, route: str, plan_of: Callable[[bytes], Awaitable[Plan]],
+                      body_limit: int | None = None) -> Response:
+        """Auth, body, plan, forward with failover, answer; one metrics line and one log line per request."""
         started = time.perf_counter()
+        arrived = router.clock()
         rid = request.state.request_id
         pool = "none"
         status = 500
         try:
-            router.authorize(request)
-            body = await router.read_body(request)
-            cost = await cost_of(body)
+            tenant = router.authorize(request)
+            body = await read_bounded(request, body_limit or settings.max_body_bytes)
+            plan = await plan_of(body)
+            deadline = None if plan.deadline_ms is None else arrived + plan.deadline_ms / 1000.0
             assert router.forwarder is not None
             reply = await _unless_client_leaves(request, router.forwarder.forward(
-                request.method, path or request.url.path, request.url.query, request.headers.items(), body, cost,
-                rid, route))
+                request.method, upstream_target(request), "", request.headers.items(), body, plan.cost,
+                rid, route, deadline, router.headers_for(tenant) + list(plan.headers)))
             pool, status = reply.pool, reply.status
+            if route == "templates" and request.method == "POST" and 200 <= status < 300:
+                template_id = registered_id(reply)
+                if template_id:
+                    router.homes.record(template_id, reply.url)
             response = Response(reply.content, status_code=reply.status)
             response.raw_headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers]
             response.raw_headers += [(b"x-stepfleet-pool", pool.encode()),
@@ -283,10 +344,34 @@ def create_app(config: RouterConfig, settings: RouterSettings | None = None, *, 
                 access_log.info("%s %s %s -> %s %d %.1fms", rid, request.method, request.url.path, pool, status,
                                 (time.perf_counter() - started) * 1000)
 
-    def fixed(cost: costing.RequestCost) -> Callable[[bytes], Awaitable[costing.RequestCost]]:
-        async def _cost(_: bytes) -> costing.RequestCost:
-            return cost
-        return _cost
+    def fixed(cost: costing.RequestCost) -> Callable[[bytes], Awaitable[Plan]]:
+        async def _plan(_: bytes) -> Plan:
+            return Plan(cost)
+        return _plan
+
+    async def fanned_out(request: Request, answer: Callable[[list], Response]) -> Response:
+        """Auth, then the same request to every available worker; `answer` makes the reply."""
+        rid = request.state.request_id
+        status = 500
+        try:
+            tenant = router.authorize(request)
+            eps = router.available_workers()
+            if not eps:
+                raise APIError(503, "no worker is available", code="no_pool", headers={"Retry-After": "5"})
+            assert router.client is not None
+            headers = [("x-request-id", rid)] + router.headers_for(tenant)
+            replies = await ask_all(router.client, eps, request.method, upstream_target(request), headers,
+                                    min(settings.upstream_timeout_s, LOOKUP_TIMEOUT_S))
+            if not replies:
+                raise APIError(503, "no worker answered", code="upstream_unavailable", headers={"Retry-After": "1"})
+            response = answer(replies)
+            status = response.status_code
+            return response
+        except APIError as exc:
+            status = exc.status
+            raise
+        finally:
+            router.metrics.requests.labels("all", "templates", str(status)).inc()
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -297,10 +382,11 @@ def create_app(config: RouterConfig, settings: RouterSettings | None = None, *, 
         # Ready once a config is loaded: with no workers the router still answers (a JSON 503
         # naming the problem), which is more useful to a client than a connection refused.
         snap = router.fleet.snapshot(router.clock())
-        pools = {p["name"]: sum(1 for e in p["endpoints"] if e["ready"] and not e["down"]) for p in snap["pools"]}
+        pools = {p["name"]: sum(1 for e in p["endpoints"] if e["ready"] and not e["down"] and not e["unresponsive"])
+                 for p in snap["pools"]}
         return JSONResponse({"status": "ready", "service": snap["service"], "pools": pools})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> Response:
         router.update_endpoint_gauges()
         return PlainTextResponse(generate_latest(router.metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -310,84 +396,125 @@ def create_app(config: RouterConfig, settings: RouterSettings | None = None, *, 
         """The router's view of pools, weights and workers (for people and tests; no secrets)."""
         return router.fleet.snapshot(router.clock())
 
-    @app.post("/v1/images/generations", openapi_extra=documented_body(ImageGenerationRequest, "application/json"))
+    @app.post("/v1/images/generations", responses=ERRORS | DEADLINE_ERRORS | {200: {"model": ImagesResponse}},
+              openapi_extra=documented_body(ImageGenerationRequest, "application/json"))
     async def generations(request: Request) -> Response:
-        async def cost_of(body: bytes) -> costing.RequestCost:
-            data = _parse_json(body)
+        async def plan_of(body: bytes) -> Plan:
+            data = parse_object(body)
             try:
-                ImageGenerationRequest.model_validate(data)
+                valid = ImageGenerationRequest.model_validate(data)
             except ValidationError as exc:
                 raise validation_error(exc.errors()) from None
-            return costing.generation_cost(data, settings.default_steps, settings.default_size)
+            return Plan(costing.generation_cost(data, settings.default_steps, settings.default_size),
+                        valid.deadline_ms)
 
-        return await proxied(request, "generations", cost_of)
+        return await proxied(request, "generations", plan_of,
+                             body_limit=min(settings.max_json_bytes, settings.max_body_bytes))
 
-    @app.post("/v1/images/edits", openapi_extra=documented_body(ImageEditForm, "multipart/form-data"))
+    async def checked_form(request: Request, model: type[BaseModel], what: str) -> dict[str, Any]:
+        """The multipart form's fields, checked against `model` (a 400 naming the field)."""
+        ctype = request.headers.get("content-type", "")
+        if not ctype.startswith(FORM_TYPES):  # what the workers read (`http.uploads`)
+            raise APIError(400, f"content-type: {what} are sent as multipart/form-data",
+                           param="content-type", code="invalid_content_type")
+        try:
+            form = await request.form(max_part_size=settings.max_body_bytes)
+        except Exception as exc:
+            raise APIError(400, f"malformed multipart body: {exc}", code="invalid_multipart") from None
+        fields: dict[str, Any] = {k: form.getlist(k) if k.endswith("[]") else form.get(k) for k in form.keys()}
+        try:
+            model.model_validate(fields)
+        except ValidationError as exc:
+            await form.close()
+            raise validation_error(exc.errors()) from None
+        return fields
+
+    @app.post("/v1/images/edits", responses=ERRORS | EDIT_ERRORS | DEADLINE_ERRORS | {200: {"model": ImagesResponse}},
+              openapi_extra=documented_body(ImageEditForm, "multipart/form-data"))
     async def edits(request: Request) -> Response:
-        async def cost_of(_: bytes) -> costing.RequestCost:
-            ctype = request.headers.get("content-type", "")
-            if not ctype.startswith("multipart/form-data"):
-                raise APIError(400, "content-type: image edits are sent as multipart/form-data",
-                               param="content-type", code="invalid_content_type")
-            try:
-                form = await request.form(max_part_size=settings.max_body_bytes)
-            except Exception as exc:
-                raise APIError(400, f"malformed multipart body: {exc}", code="invalid_multipart") from None
-            fields = {k: v for k, v in form.items() if isinstance(v, str)}
-            if not fields.get("prompt"):
-                raise APIError(400, "prompt: field required", param="prompt", code="missing_field")
-            if form.get("image") is None and not fields.get("template_id"):
+        async def plan_of(_: bytes) -> Plan:
+            fields = await checked_form(request, ImageEditForm, "image edits")
+            if fields.get("image") is None and not fields.get("image[]") and not fields.get("template_id"):
                 raise APIError(400, "image: field required (or send template_id)", param="image",
                                code="missing_field")
-            mask = form.get("mask")
+            mask = fields.get("mask")
             ratio = None
             if mask is not None and not isinstance(mask, str):
                 ratio = await asyncio.to_thread(costing.mask_ratio_from_png, await mask.read())
-            await form.close()
-            return costing.edit_cost(fields, ratio, settings.default_steps, settings.default_size)
+            texts = {k: v for k, v in fields.items() if isinstance(v, str)}
+            for value in fields.values():
+                if hasattr(value, "close"):
+                    await value.close()
+            cost = costing.edit_cost(texts, ratio, settings.default_steps, settings.default_size)
+            deadline = texts.get("deadline_ms")
+            if cost.template_id:
+                cost = dataclasses.replace(cost, home=router.homes.get(cost.template_id),
+                                           uncached_units=max(cost.uncached_units, TEMPLATE_MISS_UNITS))
+            return Plan(cost, float(deadline) if deadline else None)
 
-        return await proxied(request, "edits", cost_of)
+        return await proxied(request, "edits", plan_of)
 
-    async def template_cost(request: Request, body: bytes, template_id: str | None) -> costing.RequestCost:
-        if template_id is None and body:
-            ctype = request.headers.get("content-type", "")
-            if ctype.startswith("multipart/form-data"):
-                with contextlib.suppress(Exception):
-                    form = await request.form(max_part_size=settings.max_body_bytes)
-                    value = form.get("template_id")
-                    template_id = value if isinstance(value, str) and value else None
-                    await form.close()
-            elif "json" in ctype:
-                with contextlib.suppress(Exception):
-                    data = json.loads(body)
-                    value = data.get("template_id") or data.get("id")
-                    template_id = value if isinstance(value, str) and value else None
-        if template_id is None:
-            return costing.trivial_cost()
-        return costing.RequestCost("other", costing.TRIVIAL_UNITS, TEMPLATE_MISS_UNITS, template_id)
+    @app.post("/v1/templates", responses=ERRORS | LOOKUP_ERRORS | {200: {"model": TemplateObject}},
+              openapi_extra=documented_body(TemplateForm, "multipart/form-data"))
+    async def register_template(request: Request) -> Response:
+        """Registered on the home of an id the router chooses (`templates`)."""
 
-    async def templates(request: Request) -> Response:
-        async def cost_of(body: bytes) -> costing.RequestCost:
-            return await template_cost(request, body, None)
+        async def plan_of(_: bytes) -> Plan:
+            fields = await checked_form(request, TemplateForm, "templates")
+            for value in fields.values():
+                if hasattr(value, "close"):
+                    await value.close()
+            template_id = new_template_id()
+            cost = costing.RequestCost("other", costing.TRIVIAL_UNITS, TEMPLATE_MISS_UNITS, template_id)
+            return Plan(cost, headers=((TEMPLATE_ID_HEADER, template_id),))
 
-        return await proxied(request, "templates", cost_of)
+        return await proxied(request, "templates", plan_of)
 
-    app.get("/v1/templates")(templates)
-    app.post("/v1/templates", openapi_extra=documented_body(TemplateForm, "multipart/form-data"))(templates)
+    @app.get("/v1/templates", responses=LOOKUP_ERRORS | {200: {"model": TemplateList}})
+    async def list_templates(request: Request) -> Response:
+        """Every worker's templates of the caller's tenant, merged."""
 
-    async def template(request: Request, template_id: str) -> Response:
-        if request.method == "DELETE":
-            return await _delete_everywhere(router, request)
+        def answer(replies: list) -> Response:
+            merged = merge_lists(replies)
+            if merged is not None:
+                return JSONResponse(merged)
+            _, reply = first_found(replies)  # type: ignore[misc]
+            return _relayed(reply)
 
-        async def cost_of(body: bytes) -> costing.RequestCost:
-            return await template_cost(request, body, template_id)
+        return await fanned_out(request, answer)
 
-        return await proxied(request, "templates", cost_of)
+    @app.get("/v1/templates/{template_id}", responses=LOOKUP_ERRORS | {200: {"model": TemplateObject}})
+    async def get_template(request: Request, template_id: str) -> Response:
+        """Asked of every worker: the template may sit on a former home."""
 
-    app.get("/v1/templates/{template_id}")(template)
-    app.delete("/v1/templates/{template_id}")(template)
+        def answer(replies: list) -> Response:
+            ep, reply = first_found(replies)  # type: ignore[misc]
+            if 200 <= reply.status < 300 and ep is not None:
+                router.homes.record(template_id, ep.url)
+            return _relayed(reply)
+
+        return await fanned_out(request, answer)
+
+    @app.delete("/v1/templates/{template_id}", responses=LOOKUP_ERRORS | {200: {"model": TemplateDeleted}})
+    async def delete_template(request: Request, template_id: str) -> Response:
+        """Asked of every worker: a template's activations may sit on several (its home moved)."""
+
+        def answer(replies: list) -> Response:
+            _, reply = first_found(replies)  # type: ignore[misc]
+            if 200 <= reply.status < 300:
+                router.homes.forget(template_id)
+            return _relayed(reply)
+
+        return await fanned_out(request, answer)
+
     # Not the workers' API, but a template's home should answer them (405) all the same.
-    app.api_route("/v1/templates/{template_id}", methods=["PUT", "PATCH", "POST"], include_in_schema=False)(template)
+    async def template_other(request: Request, template_id: str) -> Response:
+        home = router.homes.get(template_id)
+        return await proxied(request, "templates", fixed(costing.RequestCost(
+            "other", costing.TRIVIAL_UNITS, TEMPLATE_MISS_UNITS, template_id, home)))
+
+    app.api_route("/v1/templates/{template_id}", methods=["PUT", "PATCH", "POST"],
+                  include_in_schema=False)(template_other)
 
     # Anything else under /v1 goes to a worker as it is; the workers document it.
     @app.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
@@ -397,75 +524,10 @@ def create_app(config: RouterConfig, settings: RouterSettings | None = None, *, 
     return app
 
 
-def _parse_json(body: bytes) -> Any:
-    try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise APIError(400, "request body must be a JSON object", code="invalid_json")
-    return data
-
-
-async def _delete_everywhere(router: Router, request: Request) -> Response:
-    """A template's activations may sit on several workers (its home moved, failover): drop them all."""
-    router.authorize(request)
-    rid = request.state.request_id
-    now = router.clock()
-    eps = [e for e in router.fleet.endpoints() if e.usable(now, router.settings.max_inflight_per_worker)]
-    if not eps:
-        router.metrics.requests.labels("none", "templates", "503").inc()
-        return error_response(APIError(503, "no worker is available", code="no_pool", headers={"Retry-After": "5"}))
-    assert router.client is not None
-    headers = [("x-request-id", rid)]
-
-    async def one(url: str):
-        try:
-            return await router.client.request("DELETE", url + request.url.path, headers)  # type: ignore[union-attr]
-        except UpstreamError:
-            return None
-
-    replies = [r for r in await asyncio.gather(*(one(e.url) for e in eps)) if r is not None]
-    ok = [r for r in replies if 200 <= r.status < 300]
-    chosen = ok[0] if ok else (replies[0] if replies else None)
-    if chosen is None:
-        router.metrics.requests.labels("none", "templates", "503").inc()
-        return error_response(APIError(503, "no worker answered", code="upstream_unavailable"))
-    router.metrics.requests.labels("all", "templates", str(chosen.status)).inc()
-    ctype = next((v for k, v in chosen.headers if k == "content-type"), "application/json")
-    return Response(chosen.content, status_code=chosen.status, media_type=ctype)
-
-
-async def _poll_loads(router: Router) -> None:
-    """Every `load_poll_s`: each worker's /v1/load (readiness, backlog); revives ejected workers."""
-    timeout_s = min(2.0, router.settings.load_poll_s * 2)
-
-    async def one(ep) -> None:
-        assert router.client is not None
-        try:
-            resp = await router.client.request("GET", ep.url + "/v1/load", [], timeout_s=timeout_s)
-        except ConnectFailed:
-            ep.down_until = router.clock() + router.settings.eject_s
-            return
-        except UpstreamError:
-            return
-        if resp.status != 200:
-            return  # an older worker without /v1/load: rely on response headers and failures
-        try:
-            data = json.loads(resp.content)
-            ep.ready = bool(data.get("ready", True))
-            ep.report(float(data.get("backlog_s", 0.0)), router.clock())
-            ep.down_until = 0.0
-        except (ValueError, AttributeError, TypeError):
-            pass
-
-    while True:
-        try:
-            await asyncio.gather(*(one(ep) for ep in router.fleet.endpoints()))
-            router.update_endpoint_gauges()
-        except Exception:  # the poller must survive anything
-            log.exception("load poll failed")
-        await asyncio.sleep(router.settings.load_poll_s)
+def _relayed(reply: Any) -> Response:
+    """A worker's answer, as it is (its content type kept)."""
+    ctype = next((v for k, v in reply.headers if k == "content-type"), "application/json")
+    return Response(reply.content, status_code=reply.status, media_type=ctype)
 
 
 async def _reload_loop(router: Router) -> None:

@@ -1,4 +1,4 @@
-"""API keys and per-key rate limits.
+"""API keys, the tenant each speaks for, and per-key rate limits.
 
 Keys come from a file (in a cluster, a Secret mounted as a file), one per line:
 
@@ -6,6 +6,12 @@ Keys come from a file (in a cluster, a Secret mounted as a file), one per line:
     sk-team-a                    # default limits (--rate-limit-rps / --rate-limit-burst)
     sk-team-b  rps=2 burst=5     # its own limit
     sk-batch   rps=0             # unlimited
+    sk-acme-1  tenant=acme       # keys of one tenant share its templates
+    sk-acme-2  tenant=acme
+
+A key's tenant owns what the key creates (templates), and only keys of that tenant see it
+(`serving.worker_auth`). A key without `tenant=` is a tenant of its own, named after the
+key's digest (`key-1a2b3c4d`), so two keys never share by accident.
 
 Keys are kept only as SHA-256 digests, so a lookup compares digests, not secrets, and a
 heap dump does not hold them. The token bucket is pure (callers pass `now`).
@@ -15,6 +21,8 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+
+from stepfleet.serving.worker_auth import TENANT_PATTERN
 
 
 class KeysFileError(ValueError):
@@ -26,6 +34,8 @@ class KeySpec:
     name: str  # a short, non-secret label for logs and metrics
     rps: float | None
     burst: float | None
+    #: Who owns what this key creates (its own name unless the file says `tenant=`).
+    tenant: str = ""
 
 
 def digest(key: str) -> str:
@@ -41,19 +51,28 @@ def parse_keys(text: str, default_rps: float | None = None, default_burst: float
             continue
         key, *opts = line.split()
         rps, burst = default_rps, default_burst
+        name_of_key = f"key-{digest(key)[:8]}"
+        tenant = name_of_key
         for opt in opts:
             name, sep, value = opt.partition("=")
+            if name == "tenant" and sep:
+                if not TENANT_PATTERN.fullmatch(value):
+                    raise KeysFileError(f"api keys file line {lineno}: tenant must be 1-128 letters, digits or "
+                                        f"'._:@-' (starting with a letter or digit), got {value!r}")
+                tenant = value
+                continue
             try:
                 number = float(value)
             except ValueError:
                 number = -1.0
             if not sep or name not in ("rps", "burst") or number < 0:
-                raise KeysFileError(f"api keys file line {lineno}: expected rps=N or burst=N, got {opt!r}")
+                raise KeysFileError(f"api keys file line {lineno}: expected rps=N, burst=N or tenant=NAME, "
+                                    f"got {opt!r}")
             if name == "rps":
                 rps = number or None
             else:
                 burst = number or None
-        keys[digest(key)] = KeySpec(name=f"key-{digest(key)[:8]}", rps=rps, burst=burst)
+        keys[digest(key)] = KeySpec(name=name_of_key, rps=rps, burst=burst, tenant=tenant)
     return keys
 
 

@@ -63,6 +63,11 @@ class EndpointLoad:
     served: int = 0
     #: Completed requests the speed estimate has learned from.
     samples: int = 0
+    #: Load polls in a row that got no answer in time, and whether that made it unresponsive:
+    #: a hung worker (stopped, deadlocked) accepts connections and never answers, so only
+    #: silence tells it apart; it is skipped until it answers again (`serving.router.health`).
+    silent_polls: int = 0
+    unresponsive: bool = False
 
     def wait_s(self, now: float) -> float:
         """Seconds of work ahead of a new request.
@@ -78,7 +83,11 @@ class EndpointLoad:
         return self.wait_s(now) + units / self.rate
 
     def usable(self, now: float, max_inflight: int) -> bool:
-        return self.ready and now >= self.down_until and not self.saturated(now, max_inflight)
+        return self.available(now) and not self.saturated(now, max_inflight)
+
+    def available(self, now: float) -> bool:
+        """Ready, answering and not ejected: usable unless saturated."""
+        return self.ready and not self.unresponsive and now >= self.down_until
 
     def saturated(self, now: float, max_inflight: int) -> bool:
         return now < self.saturated_until or self.inflight >= max_inflight
@@ -95,6 +104,21 @@ class EndpointLoad:
     def finished(self, units: float) -> None:
         self.inflight = max(0, self.inflight - 1)
         self.inflight_units = max(0.0, self.inflight_units - units) if self.inflight else 0.0
+
+    def no_answer(self, limit: int) -> bool:
+        """A load poll got no answer in time; True when this one makes the worker unresponsive."""
+        self.silent_polls += 1
+        if self.unresponsive or self.silent_polls < limit:
+            return False
+        self.unresponsive = True
+        return True
+
+    def answered(self) -> bool:
+        """The worker answered something; True when that brings it back from unresponsive."""
+        back = self.unresponsive
+        self.silent_polls = 0
+        self.unresponsive = False
+        return back
 
     def report(self, backlog_s: float, now: float) -> None:
         self.reported_backlog_s = max(0.0, backlog_s)
@@ -181,9 +205,11 @@ def choose_endpoint(
         return None
     home = None
     if cost.template_id:
-        # The template's home is the top-ranked usable worker: when it is down or saturated,
-        # the next in rank takes over (and will hold the cache from then on).
-        home = rendezvous_rank(cost.template_id, [e.url for e in usable])[0]
+        # The template's home is where it is known to be (`cost.home`, when that worker is
+        # usable), else the top-ranked usable worker: when the home is down or saturated, the
+        # next in rank takes over (and will hold the cache from then on).
+        urls = [e.url for e in usable]
+        home = cost.home if cost.home in urls else rendezvous_rank(cost.template_id, urls)[0]
 
     def units_on(e: EndpointLoad) -> float:
         return cost.units if home is None or e.url == home else cost.uncached_units
@@ -303,8 +329,7 @@ class Balancer:
 def saturation_retry_after(pools: Sequence[PoolView], now: float, max_inflight: int) -> float | None:
     """If every known worker of a weighted pool is saturated, how long until one frees up."""
     weights = effective_weights({p.name: p.weight for p in pools})
-    eps = [e for p in pools if weights.get(p.name, 0) > 0 for e in p.endpoints
-           if e.ready and now >= e.down_until]
+    eps = [e for p in pools if weights.get(p.name, 0) > 0 for e in p.endpoints if e.available(now)]
     if not eps or not all(e.saturated(now, max_inflight) for e in eps):
         return None
     waits = [e.saturated_until - now for e in eps if e.saturated_until > now]

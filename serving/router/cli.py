@@ -22,12 +22,20 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--connect-timeout-s", type=float, default=2.0)
     ap.add_argument("--eject-s", type=float, default=5.0)
     ap.add_argument("--load-poll-s", type=float, default=1.0)
+    ap.add_argument("--load-poll-timeout-s", type=float, default=2.0,
+                    help="a worker's /v1/load poll unanswered this long is silent")
+    ap.add_argument("--hang-polls", type=int, default=2,
+                    help="silent polls in a row that mark a worker unresponsive (until it answers again)")
     ap.add_argument("--reload-s", type=float, default=1.0)
     ap.add_argument("--max-inflight-per-worker", type=int, default=128)
     ap.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024)
+    ap.add_argument("--max-json-bytes", type=int, default=1024 * 1024)
     ap.add_argument("--default-steps", type=int, default=20, help="workers' default steps (for cost prediction)")
     ap.add_argument("--default-size", type=int, default=512, help="workers' default image side (for cost prediction)")
-    ap.add_argument("--api-keys-file", default=None, help="one key per line (optionally rps=N burst=N); unset = open")
+    ap.add_argument("--api-keys-file", default=None,
+                    help="one key per line (optionally tenant=NAME rps=N burst=N); unset = open")
+    ap.add_argument("--worker-token-file", default=None,
+                    help="token sent to workers (default: $STEPFLEET_WORKER_TOKEN; neither: none)")
     ap.add_argument("--rate-limit-rps", type=float, default=None, help="default per-key request rate")
     ap.add_argument("--rate-limit-burst", type=float, default=None)
     ap.add_argument("--log-level", default="info")

@@ -135,12 +135,20 @@ class RouterSettings(BaseModel):
     eject_s: float = Field(default=5.0, ge=0)
     #: How often each worker's /v1/load is polled (readiness and backlog between responses).
     load_poll_s: float = Field(default=1.0, gt=0)
+    #: A poll not answered within this is a silent one; `hang_polls` silent polls in a row mark
+    #: the worker unresponsive: skipped, its requests in flight retried elsewhere, until it
+    #: answers a poll again. Defaults detect a hung worker in about 5 s (2 × (1 s + 2 s)) while a
+    #: busy one, whose event loop answers polls between steps, is never mistaken for it.
+    load_poll_timeout_s: float = Field(default=2.0, gt=0)
+    hang_polls: int = Field(default=2, ge=1)
     #: How often the config file (and API keys file) are checked for changes.
     reload_s: float = Field(default=1.0, gt=0)
     #: Requests this router keeps in flight per worker before counting it saturated.
     max_inflight_per_worker: int = Field(default=128, ge=1)
     #: Largest request body accepted (multipart edits carry images).
     max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    #: Largest JSON body (generations): the schema's longest fields fit in a few tens of KB.
+    max_json_bytes: int = Field(default=1024 * 1024, ge=1024)
     #: Worker defaults the router assumes when a request leaves them out (for cost only).
     default_steps: int = Field(default=20, ge=1)
     default_size: int = Field(default=512, ge=8)
@@ -149,5 +157,8 @@ class RouterSettings(BaseModel):
     #: Per-key rate limit when a key line sets none; None = unlimited.
     rate_limit_rps: float | None = Field(default=None, gt=0)
     rate_limit_burst: float | None = Field(default=None, ge=1)
+    #: File with the token sent to workers (they refuse requests without it); None: the
+    #: `STEPFLEET_WORKER_TOKEN` environment variable, or no token when that is unset too.
+    worker_token_file: str | None = None
     #: How workers are found: from the file only, from EndpointSlices, or EndpointSlices when in a cluster.
     discovery: Literal["static", "kubernetes", "auto"] = "auto"

@@ -35,6 +35,8 @@ class RequestCost:
     #: Cost where it is not cached (an edit recomputes the whole image); == units otherwise.
     uncached_units: float
     template_id: str | None = None
+    #: The worker the router knows holds the template (where it was registered), if any.
+    home: str | None = None
 
 
 def parse_size(size: str | None, default: int) -> tuple[int, int]:

@@ -12,34 +12,55 @@ client's content type and boundary kept), and classifies the outcome:
   spending a failure. If every worker is saturated the client gets 429 with Retry-After;
 * anything else (2xx, 4xx) is the answer.
 
+A request's `deadline_ms` bounds each attempt and the walk: past it the client gets 504
+`deadline_exceeded`, never a late answer or a hang. An attempt on a worker that the health
+poller marks unresponsive (hung) is given up and retried elsewhere (`health`). The in-flight
+slot an attempt takes is given back however the attempt ends, the client leaving included.
+
 Workers report their backlog on every response (`X-Stepfleet-Backlog-Seconds`), so the
 router's load view is refreshed as a side effect of forwarding.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from stepfleet.serving.errors import APIError
-from stepfleet.serving.router.balancing import Attempts, Balancer, saturation_retry_after
+from stepfleet.serving.router.balancing import (
+    Attempts,
+    Balancer,
+    EndpointLoad,
+    saturation_retry_after,
+)
 from stepfleet.serving.router.config import RouterSettings
 from stepfleet.serving.router.costing import RequestCost
+from stepfleet.serving.router.health import Health
 from stepfleet.serving.router.metrics import RouterMetrics
 from stepfleet.serving.router.state import FleetState
-from stepfleet.serving.router.upstream import ConnectFailed, Reply, UpstreamClient, UpstreamError
+from stepfleet.serving.router.upstream import (
+    ConnectFailed,
+    Reply,
+    UpstreamClient,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from stepfleet.serving.worker_auth import TEMPLATE_ID_HEADER, TENANT_HEADER
 
 log = logging.getLogger(__name__)
 
 BACKLOG_HEADER = "x-stepfleet-backlog-seconds"
-#: Never sent upstream: hop-by-hop, recomputed, or the router's own credentials.
+#: Never sent upstream: hop-by-hop, recomputed, the client's credentials, or what only the
+#: router may say to a worker (the tenant, a new template's id: `serving.worker_auth`).
 _DROP_REQUEST = frozenset({
     "host", "content-length", "connection", "keep-alive", "transfer-encoding", "te", "upgrade",
     "proxy-authorization", "proxy-connection", "authorization", "expect", "accept-encoding",
+    TENANT_HEADER, TEMPLATE_ID_HEADER,
 })
 #: Never copied back: hop-by-hop, recomputed by our server, or describing one worker only.
 _DROP_RESPONSE = frozenset({
@@ -86,7 +107,9 @@ def _retry_after(headers: list[tuple[str, str]], default: float) -> float:
 
 class Forwarder:
     def __init__(self, settings: RouterSettings, fleet: FleetState, balancer: Balancer, metrics: RouterMetrics,
-                 client: UpstreamClient, clock: Callable[[], float] = time.monotonic) -> None:
+                 client: UpstreamClient, clock: Callable[[], float] = time.monotonic,
+                 health: Health | None = None) -> None:
+        self.health = health
         self.settings = settings
         self.fleet = fleet
         self.balancer = balancer
@@ -95,17 +118,25 @@ class Forwarder:
         self.clock = clock
 
     async def forward(self, method: str, path: str, query: str, headers: list[tuple[str, str]], body: bytes,
-                      cost: RequestCost, request_id: str, route: str, deadline: float | None = None) -> UpstreamReply:
-        """Forward with failover; raise `APIError` (429/503) when no worker could answer."""
+                      cost: RequestCost, request_id: str, route: str, deadline: float | None = None,
+                      extra_headers: Sequence[tuple[str, str]] = ()) -> UpstreamReply:
+        """Forward with failover; raise `APIError` (429/503, 504 past `deadline`) when no worker answered.
+
+        `deadline` (the router's clock) bounds every attempt and the retries; `extra_headers`
+        are the router's own (worker token, tenant), sent after the client's.
+        """
         attempts = Attempts()
-        send_headers = upstream_headers(headers, request_id)
+        send_headers = upstream_headers(headers, request_id) + list(extra_headers)
         last_error = "no worker was available"
         target_path = path + (f"?{query}" if query else "")
         while attempts.failures < self.settings.max_attempts:
             now = self.clock()
-            if attempts.tried_pools and deadline is not None and now >= deadline:
-                last_error += "; the request's deadline passed before another attempt"
-                break
+            timeout_s = self.settings.upstream_timeout_s
+            if deadline is not None:
+                if now >= deadline:
+                    raise APIError(504, f"deadline_ms passed before a worker answered ({last_error})",
+                                   param="deadline_ms", code="deadline_exceeded")
+                timeout_s = min(timeout_s, deadline - now)
             pools = self.fleet.pools
             target = self.balancer.next_target(pools, cost, now, attempts)
             if target is None:
@@ -115,21 +146,26 @@ class Forwarder:
             predicted = ep.predicted_s(units, now)
             ahead = ep.dispatched(units)
             started = self.clock()
+            # The slot taken by `dispatched` is given back on every way out: an answer, a
+            # failure, the client leaving (cancellation), a bug (issue 19: leaks locked the router).
             try:
-                resp = await self.client.request(method, ep.url + target_path, send_headers, body)
+                resp = await self._attempt(ep, method, target_path, send_headers, body, timeout_s)
             except UpstreamError as exc:
-                ep.finished(units)
                 attempts.failures += 1
                 reason = type(exc).__name__
                 if isinstance(exc, ConnectFailed):
                     ep.down_until = self.clock() + self.settings.eject_s
+                elif isinstance(exc, UpstreamTimeout) and self.health is not None:
+                    self.health.suspect(ep)
                 last_error = f"worker {ep.url} (pool {target.pool}) failed: {reason}: {exc}"
                 log.warning("%s [%s]", last_error, request_id)
                 self.metrics.retries.labels(target.pool, reason).inc()
                 continue
-            ep.finished(units)
+            finally:
+                ep.finished(units)
             end = self.clock()
             elapsed = end - started
+            ep.answered()
             self.metrics.upstream_seconds.labels(target.pool, route).observe(elapsed)
             backlog = _header(resp.headers, BACKLOG_HEADER)
             if backlog is not None:
@@ -158,8 +194,31 @@ class Forwarder:
                     self.metrics.prediction_error.labels(target.pool).observe(elapsed / predicted)
             out = [(k, v) for k, v in resp.headers if k not in _DROP_RESPONSE]
             return UpstreamReply(status, out, resp.content, target.pool, ep.url, len(attempts.tried_pools))
+        if deadline is not None and self.clock() >= deadline:
+            raise APIError(504, f"deadline_ms passed before a worker answered ({last_error})",
+                           param="deadline_ms", code="deadline_exceeded")
         self._raise_unavailable(attempts, last_error)
         raise AssertionError("unreachable")
+
+    async def _attempt(self, ep: EndpointLoad, method: str, target: str, headers: list[tuple[str, str]],
+                       body: bytes, timeout_s: float) -> Reply:
+        """One exchange with `ep`, given up (`UpstreamTimeout`) if the worker is marked
+        unresponsive meanwhile (`health`): its request is then retried elsewhere."""
+        work = self.client.request(method, ep.url + target, headers, body, timeout_s=timeout_s)
+        if self.health is None:
+            return await work
+        abandoned = self.health.abandoned(ep.url)
+        task = asyncio.ensure_future(work)
+        try:
+            await asyncio.wait((task, abandoned), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # cancelled (the client left): the exchange goes too
+            task.cancel()
+            raise
+        if task.done():
+            return task.result()
+        task.cancel()  # closes the connection to the silent worker
+        await asyncio.wait((task,))
+        raise UpstreamTimeout(f"{ep.url} stopped answering (unresponsive to load polls)")
 
     def _raise_unavailable(self, attempts: Attempts, last_error: str) -> None:
         now = self.clock()

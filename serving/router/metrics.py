@@ -15,6 +15,8 @@ WEIGHT = "stepfleet_router_pool_weight_ratio"
 ENDPOINTS = "stepfleet_router_pool_endpoints"
 PREDICTION_ERROR = "stepfleet_router_prediction_error_ratio"
 CONFIG_RELOADS = "stepfleet_router_config_reloads_total"
+UNRESPONSIVE = "stepfleet_router_worker_unresponsive_total"
+INFLIGHT = "stepfleet_router_inflight_requests"
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 60, 120)
 #: actual / predicted seconds: 1 is a perfect prediction.
@@ -39,3 +41,7 @@ class RouterMetrics:
             PREDICTION_ERROR, "Actual over predicted completion time of successful requests (1 = exact).",
             ["pool"], buckets=_RATIO_BUCKETS, registry=r)
         self.config_reloads = Counter(CONFIG_RELOADS, "Config file reloads by result.", ["result"], registry=r)
+        self.unresponsive = Counter(UNRESPONSIVE, "Times a worker answered no load poll in time and was taken out "
+                                    "of rotation (hung), by pool.", ["pool"], registry=r)
+        self.inflight = Gauge(INFLIGHT, "Requests this router has in flight on workers, by pool (back to 0 when "
+                              "idle: a leak shows here).", ["pool"], registry=r)

@@ -71,6 +71,7 @@ class FleetState:
                             "url": e.url,
                             "ready": e.ready,
                             "down": now < e.down_until,
+                            "unresponsive": e.unresponsive,
                             "saturated": now < e.saturated_until,
                             "inflight": e.inflight,
                             "inflight_units": round(e.inflight_units, 3),

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import httpx
 
@@ -69,13 +69,11 @@ class UpstreamClient:
         self._tls: httpx.AsyncClient | None = None
 
     def _target(self, url: str) -> tuple[str, str, int, str]:
-        """(scheme, host, port, path?query) for a URL; the base part is cached per worker."""
+        """(scheme, host, port, path?query) for a URL, the path and query percent-encoded."""
         parts = urlsplit(url)
         host = parts.hostname or ""
         port = parts.port or (443 if parts.scheme == "https" else 80)
-        path = parts.path or "/"
-        if parts.query:
-            path += "?" + parts.query
+        path = request_target(parts.path or "/", parts.query)
         return parts.scheme, host, port, path
 
     async def request(self, method: str, url: str, headers: list[tuple[str, str]], body: bytes = b"",
@@ -189,6 +187,24 @@ class UpstreamClient:
         self._idle.clear()
         if self._tls is not None:
             await self._tls.aclose()
+
+
+#: Characters a request target may carry as they are (RFC 3986 pchar, `/`, and `%` so that
+#: what a client already encoded stays encoded); the query may carry `?` too.
+_PATH_SAFE = "/:@!$&'()*+,;=-._~%"
+_QUERY_SAFE = _PATH_SAFE + "?"
+
+
+def request_target(path: str, query: str = "") -> str:
+    """`path?query` as ASCII: anything else (non-ASCII, spaces, controls) percent-encoded as
+    UTF-8. Characters that stand for undecodable bytes (`surrogateescape`, how the router
+    reads a raw path) become those bytes again. Before this, a path with a character outside
+    Latin-1 failed to encode, answered 500, and leaked the request's in-flight slot (issue 19).
+    """
+    target = quote(path, safe=_PATH_SAFE, errors="surrogateescape")
+    if query:
+        target += "?" + quote(query, safe=_QUERY_SAFE, errors="surrogateescape")
+    return target
 
 
 def _parse_head(head: bytes) -> tuple[int, list[tuple[str, str]], bool]:

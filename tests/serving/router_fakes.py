@@ -2,7 +2,8 @@
 
 It records what it received (path, headers, body) so tests can check that the router
 forwards requests (multipart included) byte for byte, and it can be told to be slow, to
-fail with a status, or to be saturated (429 with Retry-After).
+fail with a status, to be saturated (429 with Retry-After), or to hang: with `hung` set it
+accepts connections and answers nothing, load polls included, as a SIGSTOPped process does.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class FakeWorker:
     status: int = 200
     retry_after: str = "2"
     backlog_s: float = 0.0
+    hung: bool = False
     seen: list[Seen] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -45,8 +47,13 @@ class FakeWorker:
             return {"X-Request-Id": rid, "X-Stepfleet-Backlog-Seconds": f"{self.backlog_s:.3f}",
                     "X-Stepfleet-Step-Units": "0"}
 
+        async def while_hung() -> None:
+            while self.hung:
+                await asyncio.sleep(0.02)
+
         @app.get("/v1/load")
         async def load() -> dict:
+            await while_hung()
             return {"ready": True, "pool": self.pool, "waiting": 0, "running": 0, "paused": 0,
                     "step_units": 0, "backlog_s": self.backlog_s, "max_batch": 4}
 
@@ -60,6 +67,7 @@ class FakeWorker:
             rid = request.headers.get("x-request-id", "")
             with self.lock:
                 self.seen.append(Seen(request.method, request.url.path, dict(request.headers), body))
+            await while_hung()
             if self.delay_s:
                 await asyncio.sleep(self.delay_s)
             if self.status == 429:

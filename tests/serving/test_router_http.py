@@ -37,7 +37,7 @@ def _reset(request):
     if "fleet" in request.fixturenames:
         for w, _ in request.getfixturevalue("fleet"):
             w.seen.clear()
-            w.status, w.delay_s, w.backlog_s, w.retry_after = 200, 0.0, 0.0, "2"
+            w.status, w.delay_s, w.backlog_s, w.retry_after, w.hung = 200, 0.0, 0.0, "2", False
 
 
 def pools_yaml(*pools: tuple[str, list[str], float]) -> str:
@@ -63,7 +63,7 @@ def router(serve_app, tmp_path: Path, text: str, **settings):
 
 
 def gen(base: str, body: dict | None = None, **kw) -> httpx.Response:
-    return httpx.post(f"{base}/v1/images/generations", json=body or {"prompt": "x"}, timeout=30, **kw)
+    return httpx.post(f"{base}/v1/images/generations", json=body or {"prompt": "x"}, **{"timeout": 30, **kw})
 
 
 def test_forwards_json_and_propagates_request_id(serve_app, tmp_path, fleet):
@@ -133,15 +133,17 @@ def test_multipart_edits_are_forwarded_intact_and_follow_their_template(serve_ap
         assert image in seen.body and mask in seen.body
 
 
-def test_template_routes_go_home_and_delete_goes_everywhere(serve_app, tmp_path, fleet):
+def test_template_registration_goes_to_the_home_of_the_id_the_router_chose(serve_app, tmp_path, fleet):
     urls = [u for _, u in fleet]
     by_url = {u: w for w, u in fleet}
-    home = by_url[rendezvous_rank("logo", urls)[0]]
     with router(serve_app, tmp_path, pools_yaml(("a", urls, 1.0))) as (base, _), httpx.Client(timeout=30) as client:
-        r = client.post(f"{base}/v1/templates", data={"template_id": "logo"},
-                        files={"image": ("t.png", _png("RGB"), "image/png")})
-        assert r.status_code == 200 and r.json()["worker"] == home.name
-        assert client.get(f"{base}/v1/templates/logo").json()["worker"] == home.name
+        for _ in range(6):
+            r = client.post(f"{base}/v1/templates", data={"prompt": "logo"},
+                            files={"image": ("t.png", _png("RGB"), "image/png")})
+            assert r.status_code == 200, r.text
+            worker = next(w for w, _ in fleet if w.name == r.json()["worker"])
+            chosen = worker.seen[-1].headers["x-stepfleet-template-id"]
+            assert by_url[rendezvous_rank(chosen, urls)[0]] is worker  # where its edits will be sent
         assert client.delete(f"{base}/v1/templates/logo").status_code == 200
     assert all(any(s.method == "DELETE" and s.path == "/v1/templates/logo" for s in w.seen) for w, _ in fleet)
 
