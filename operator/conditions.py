@@ -36,6 +36,8 @@ REASON_ACTION_FAILED = "ActionFailed"
 REASON_INSUFFICIENT_CAPACITY = "InsufficientCapacity"
 REASON_CAPACITY_AVAILABLE = "CapacityAvailable"
 REASON_MODE_CHANGED = "ModeChanged"
+#: A pool's ready replicas fell far below what was ready and planned (outage, interruption).
+REASON_CAPACITY_LOST = "ReadyCapacityLost"
 #: A pool's workers answer `/readyz` with `failed` (e.g. a family that does not match the checkpoint).
 REASON_MODEL_LOAD_FAILED = "ModelLoadFailed"
 #: Degraded reasons the loop sets; a reconcile keeps them unless it finds a blocker.

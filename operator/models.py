@@ -237,6 +237,18 @@ class PoolSpec(_Model):
     )
     max_batch: int | None = Field(default=None, ge=1, le=256, description="Overrides serving.maxBatch for this pool.")
     node_pool: NodePoolSpec | None = Field(default=None, description="Create a Karpenter NodePool for this pool.")
+    failure_domain: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=63,
+        pattern=r"^[A-Za-z0-9]([-A-Za-z0-9_./]*[A-Za-z0-9])?$",
+        description=(
+            "What this pool's replicas fail with, e.g. `spot/us-east-1a/inf2`: pools that share it are "
+            "lost together, and the control loop keeps capacity outside each hedged domain. Default: "
+            "the NodePool's capacity type (`spot` when it allows only spot, else `on-demand`) and "
+            "instance family (or the accelerator model), e.g. `spot/c7i`."
+        ),
+    )
     node_selector: dict[str, str] = Field(default_factory=dict, description="Extra node selector labels.")
     tolerations: list[Toleration] = Field(default_factory=list, max_length=16, description="Extra tolerations.")
     image: str | None = Field(default=None, max_length=512, description="Worker image for this pool.")
@@ -293,6 +305,28 @@ class ControlLoopSpec(_Model):
     provisioning_seconds: float = Field(
         default=600, ge=0, le=86400,
         description="Expected seconds from asking for a replica to it serving (node + model load); the loop plans this far ahead.",
+    )
+    hedge_spot: float = Field(
+        default=0.5, ge=0, le=1,
+        description="Share of the planned demand that ready capacity outside a spot failure domain must serve "
+        "(on-demand fallback while spot replacements load). Default: 0.5.",
+    )
+    hedge_on_demand: float = Field(
+        default=0, ge=0, le=1,
+        description="The same for on-demand domains that never failed. 1 keeps the SLO through any one domain's "
+        "loss at about twice the cost. Default: 0.",
+    )
+    hedge_after_loss: float = Field(
+        default=1, ge=0, le=1,
+        description="The same for a domain that lost ready capacity within lossMemorySeconds. Default: 1.",
+    )
+    loss_memory_seconds: float = Field(
+        default=86400, ge=0, le=2592000, description="How long a domain that lost ready capacity stays hedged."
+    )
+    loss_fraction: float = Field(
+        default=0.25, gt=0, le=1,
+        description="A pool whose ready replicas fall this fraction below what was ready and planned at the last "
+        "decision has lost capacity: the loop enters capacity mode at once. Default: 0.25.",
     )
     prometheus_url: str | None = Field(
         default=None,

@@ -9,8 +9,8 @@ are tested without processes or sockets:
   the loop's delays are seconds too);
 - `LoopMemory` + `control_step(...)`: one observe-decide pass, the operator's own
   functions end to end — worker `/metrics` differenced between two scrapes
-  (`observe.metrics_from_scrapes`), demand from interval rates (`estimate_demand`), the
-  observation, and the same `decide`;
+  (`scraping.metrics_from_scrapes`), then the one control step the kopf timer and the
+  simulator run (`policy.control_step`: demand fit, `decide`);
 - `shortages(...)`: the local capacity signal, a worker meant to serve that has not been
   ready for longer than a grace period (the operator's "replicas that never become ready");
 - `router_config(...)`: the `router.yaml` for the ready workers and the plan's weights.
@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from stepfleet.operator.loop import observe
+from stepfleet.operator.loop import scraping
+from stepfleet.operator.loop.measured import Metrics, PoolMetrics
+from stepfleet.operator.loop.specmap import DEFAULT_LATENCY_SHARE
 from stepfleet.operator.policy import (
     ControlSettings,
     Observation,
@@ -33,16 +35,14 @@ from stepfleet.operator.policy import (
     PolicyState,
     PoolObservation,
     PoolSpec,
+    Signals,
     SloSpec,
-    decide,
+    StepMemory,
 )
-from stepfleet.operator.policy.demand import estimate_demand
+from stepfleet.operator.policy import control_step as policy_step
 from stepfleet.serving.router.config import CONFIG_VERSION
 
 from .supervise import WorkerView
-
-#: Interval rates kept for the demand trend (as the operator's timer keeps).
-TREND_SAMPLES = 15
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ def local_policy_spec(pools: Sequence[LocalPool], settings: LocalSettings) -> Po
                 name=p.name,
                 price_per_hour=p.price_per_hour,
                 throughput_rps_per_replica=settings.throughput_rps_per_worker,
-                latency_s=settings.slo_latency_s * observe.DEFAULT_LATENCY_SHARE,
+                latency_s=settings.slo_latency_s * DEFAULT_LATENCY_SHARE,
                 provision_s=settings.provision_s,
                 min_replicas=settings.min_workers,
                 max_replicas=settings.max_workers,
@@ -136,22 +136,20 @@ def shortages(workers: Sequence[WorkerView], now_s: float, grace_s: float) -> di
     return out
 
 
-def build_observation(
-    now_s: float,
+def pool_observations(
     pools: Sequence[LocalPool],
     desired: Mapping[str, int],
     workers: Sequence[WorkerView],
-    demand: tuple[float, float],
-    metrics: observe.Metrics,
+    metrics: Metrics,
     short: Mapping[str, float],
-) -> Observation:
-    """The policy's input from the local fleet (workers in place of a Deployment's pods)."""
+) -> tuple[PoolObservation, ...]:
+    """Each local pool as the control step sees it (workers in place of a Deployment's pods)."""
     observed = []
     for pool in pools:
         mine = [w for w in workers if w.pool == pool.name]
         ready = sum(1 for w in mine if w.phase == "ready")
         want = int(desired.get(pool.name, 0))
-        m = metrics.pools.get(pool.name) or observe.PoolMetrics()
+        m = metrics.pools.get(pool.name) or PoolMetrics()
         observed.append(PoolObservation(
             name=pool.name,
             desired_replicas=want,
@@ -161,19 +159,44 @@ def build_observation(
             queue_depth=m.queue_depth,
             capacity_short_since=short.get(pool.name),
         ))
+    return tuple(observed)
+
+
+def build_observation(
+    now_s: float,
+    pools: Sequence[LocalPool],
+    desired: Mapping[str, int],
+    workers: Sequence[WorkerView],
+    demand: tuple[float, float],
+    metrics: Metrics,
+    short: Mapping[str, float],
+) -> Observation:
+    """`decide`'s input directly (demand already estimated), for callers outside the step."""
     rate, trend = demand
-    return Observation(now_s=now_s, arrival_rps=rate, arrival_trend_rps_per_s=trend, pools=tuple(observed))
+    return Observation(now_s=now_s, arrival_rps=rate, arrival_trend_rps_per_s=trend,
+                       pools=pool_observations(pools, desired, workers, metrics, short))
 
 
 @dataclass
 class LoopMemory:
-    """What the local loop carries between runs (the operator keeps the same in kopf's memo)."""
+    """What the local loop carries between runs: the control step's memory (as the operator
+    keeps it in kopf's memo) and the last scrape."""
 
-    state: PolicyState = field(default_factory=PolicyState)
-    plan: Plan | None = None
-    samples: tuple[tuple[float, float], ...] = ()
-    scrapes: dict[str, observe.WorkerSample] = field(default_factory=dict)
+    step: StepMemory = field(default_factory=StepMemory)
+    scrapes: dict[str, scraping.WorkerSample] = field(default_factory=dict)
     scraped_at: float | None = None
+
+    @property
+    def state(self) -> PolicyState:
+        return self.step.state
+
+    @property
+    def plan(self) -> Plan | None:
+        return self.step.plan
+
+    @property
+    def samples(self) -> tuple[tuple[float, float], ...]:
+        return self.step.samples
 
 
 def control_step(
@@ -182,7 +205,7 @@ def control_step(
     pools: Sequence[LocalPool],
     desired: Mapping[str, int],
     workers: Sequence[WorkerView],
-    scrapes: Mapping[str, observe.WorkerSample],
+    scrapes: Mapping[str, scraping.WorkerSample],
     now_s: float,
     ready_grace_s: float,
 ) -> Plan | None:
@@ -195,18 +218,13 @@ def control_step(
     if previous_at is None or now_s <= previous_at:
         return None
     worker_pools = {w.name: w.pool for w in workers}
-    metrics = observe.metrics_from_scrapes(
+    metrics = scraping.metrics_from_scrapes(
         previous, scrapes, worker_pools, [p.name for p in pools], now_s - previous_at, spec.slo.percentile,
     )
-    sample = (now_s - metrics.window_s / 2.0, metrics.arrival_rps)
-    estimate = estimate_demand([*memory.samples, sample][-TREND_SAMPLES:], metrics.window_s, now_s)
-    memory.samples = tuple(estimate.samples)[-TREND_SAMPLES:]
-    observation = build_observation(
-        now_s, pools, desired, workers, (estimate.rate_rps, estimate.trend_rps_per_s), metrics,
-        shortages(workers, now_s, ready_grace_s),
-    )
-    plan, memory.state = decide(observation, memory.state, spec)
-    memory.plan = plan
+    signals = Signals(arrival_rps=metrics.arrival_rps, window_s=metrics.window_s,
+                      pools=pool_observations(pools, desired, workers, metrics,
+                                              shortages(workers, now_s, ready_grace_s)))
+    plan, memory.step = policy_step(memory.step, signals, spec, now_s)
     return plan
 
 

@@ -25,7 +25,8 @@ from stepfleet.operator.models import DiffusionServiceSpec, PoolSpec
 from stepfleet.operator.policy import Plan, PolicyState
 from stepfleet.operator.policy.model import PoolMemory
 
-from .observe import LoadFailure, format_time, parse_time
+from .capacity import LoadFailure
+from .pods import format_time, parse_time
 
 #: Router weights are written with this many decimals (as the reconcile's defaults).
 WEIGHT_DECIMALS = 6
@@ -240,6 +241,15 @@ def mode_event(meta: Mapping[str, Any], previous: str, plan: Plan, now: dt.datet
     return cond.event(
         dict(meta), type_="Normal", reason=cond.REASON_MODE_CHANGED,
         message=f"switched from {previous} to {plan.mode} mode: {why}", now=now,
+    )
+
+
+def capacity_lost_event(meta: Mapping[str, Any], pool: str, plan: Plan, now: dt.datetime) -> dict[str, Any]:
+    """A Warning when a pool's ready replicas vanish: what was lost and what the plan does about it."""
+    lost = next((r for r in plan.reasons if r.startswith(f"{pool} lost ready capacity")), f"{pool} lost ready capacity")
+    return cond.event(
+        dict(meta), type_="Warning", reason=cond.REASON_CAPACITY_LOST,
+        message=f"{lost}; now in {plan.mode} mode", now=now,
     )
 
 

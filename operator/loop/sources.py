@@ -1,7 +1,7 @@
 """The loop's I/O adapters: Kubernetes reads, Prometheus queries, worker scrapes and readiness.
 
 Each adapter only fetches and decodes; every rule about what the data means is in
-`observe`. Kubernetes goes through `kube.Client` (the only module that talks to the API);
+the pure modules `observe` lists. Kubernetes goes through `kube.Client` (the only module that talks to the API);
 HTTP to Prometheus and to workers through one `httpx.Client` with a short timeout, so a
 hung endpoint delays a tick by seconds, not forever. Any failure is an `ObservationError`
 carrying a message fit for a condition.
@@ -19,7 +19,8 @@ from stepfleet.operator import kube, names
 from stepfleet.operator.children import Owner
 from stepfleet.operator.models import DiffusionServiceSpec
 
-from .observe import INSUFFICIENT_CAPACITY_REASON, ObservationError
+from .capacity import INSUFFICIENT_CAPACITY_REASON
+from .errors import ObservationError
 
 
 @dataclass(frozen=True)

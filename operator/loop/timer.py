@@ -46,32 +46,35 @@ from prometheus_client import CollectorRegistry
 from stepfleet.operator import applying, kube, names
 from stepfleet.operator import conditions as cond
 from stepfleet.operator.models import API_GROUP, API_VERSION, PLURAL, DiffusionServiceSpec
-from stepfleet.operator.policy import Plan, PolicyState, decide
-from stepfleet.operator.policy.demand import estimate_demand
+from stepfleet.operator.policy import Plan, Signals, StepMemory, control_step
 from stepfleet.operator.reconcile import owner_of
 from stepfleet.operator.validation import validate
 
-from . import act, observe, sources
+from . import act, capacity, observe, pods, prometheus, scraping, sources
+from .errors import ObservationError
+from .measured import Metrics
 from .metrics import LoopMetrics
+from .specmap import policy_spec
 
 log = logging.getLogger(__name__)
 
-#: Interval rates the demand trend is fitted over (a quarter hour at one-minute windows).
-TREND_SAMPLES = 15
 MEMO_KEY = "stepfleet_control_loop"
 
 
 @dataclass
 class LoopMemory:
-    """Per-object loop state kept between runs (in kopf's memo)."""
+    """Per-object loop state kept between runs (in kopf's memo): the control step's memory
+    (None until the first run reads back what `status` remembers) and the last scrapes."""
 
-    state: PolicyState | None = None
-    plan: Plan | None = None
-    samples: tuple[tuple[float, float], ...] = ()
-    scrapes: dict[str, observe.WorkerSample] = field(default_factory=dict)
+    step: StepMemory | None = None
+    scrapes: dict[str, scraping.WorkerSample] = field(default_factory=dict)
     scraped_at: float | None = None
     #: time.monotonic() of the last run (for the per-object interval).
     last_run: float | None = None
+
+    @property
+    def plan(self) -> Plan | None:
+        return self.step.plan if self.step is not None else None
 
 
 @dataclass(frozen=True)
@@ -93,41 +96,41 @@ def _measure(
     cluster: sources.ClusterView,
     memory: LoopMemory,
     now_s: float,
-) -> observe.Metrics | None:
+) -> Metrics | None:
     """This window's metrics, or None while scraping has only one sample yet."""
     pools = [p.name for p in spec.pools]
     quantile = spec.slo.percentile / 100.0
     url = spec.control_loop.prometheus_url
     if url:
-        window = observe.prometheus_window(spec.control_loop.interval_seconds)
-        answers = sources.query_prometheus(http, url, observe.prometheus_queries(namespace, name, window, quantile))
-        return observe.metrics_from_prometheus(answers, pools, window)
+        window = prometheus.prometheus_window(spec.control_loop.interval_seconds)
+        answers = sources.query_prometheus(http, url, prometheus.prometheus_queries(namespace, name, window, quantile))
+        return prometheus.metrics_from_prometheus(answers, pools, window)
     targets: dict[str, str] = {}
     pod_pools: dict[str, str] = {}
     for pod in cluster.pods:
-        target, pool = observe.scrape_url(pod), observe.pod_pool(pod)
+        target, pool = pods.scrape_url(pod), pods.pod_pool(pod)
         if target and pool in pools:
             pod_name = pod["metadata"]["name"]
             targets[pod_name], pod_pools[pod_name] = target, pool
-    current = {pod: observe.parse_worker_metrics(text) for pod, text in sources.scrape(http, targets).items()}
+    current = {pod: scraping.parse_worker_metrics(text) for pod, text in sources.scrape(http, targets).items()}
     previous, previous_at = memory.scrapes, memory.scraped_at
     memory.scrapes, memory.scraped_at = current, now_s
     if previous_at is None:
         return None
-    return observe.metrics_from_scrapes(previous, current, pod_pools, pools, now_s - previous_at, quantile)
+    return scraping.metrics_from_scrapes(previous, current, pod_pools, pools, now_s - previous_at, quantile)
 
 
 def _load_failures(
     http: httpx.Client, spec: DiffusionServiceSpec, cluster: sources.ClusterView, now_s: float
-) -> dict[str, observe.LoadFailure]:
+) -> dict[str, capacity.LoadFailure]:
     """Pools whose running but un-ready workers say on `/readyz` that loading the model failed."""
     pools = {p.name for p in spec.pools}
     targets = {
         pod["metadata"]["name"]: url
         for pod in cluster.pods
-        if observe.pod_pool(pod) in pools and (url := observe.readyz_url(pod))
+        if pods.pod_pool(pod) in pools and (url := pods.readyz_url(pod))
     }
-    return observe.load_failures(sources.probe_readyz(http, targets), cluster.pods, now_s)
+    return capacity.load_failures(sources.probe_readyz(http, targets), cluster.pods, now_s)
 
 
 def run_once(
@@ -158,8 +161,8 @@ def run_once(
         return Outcome(note="waiting for the reconcile of this generation")
     owner = owner_of(body)
     now_s = now.timestamp()
-    if memory.state is None:
-        memory.state = act.state_from_status(status)
+    if memory.step is None:
+        memory.step = StepMemory(state=act.state_from_status(status))
     loop = spec.control_loop
 
     try:
@@ -168,34 +171,36 @@ def run_once(
         metrics = _measure(http, spec, owner.namespace, owner.name, cluster, memory, now_s)
         if metrics is None:
             return Outcome(note="first scrape taken; rates need a second")
-        sample = (now_s - metrics.window_s / 2.0, metrics.arrival_rps)
-        estimate = estimate_demand([*memory.samples, sample][-TREND_SAMPLES:], metrics.window_s, now_s)
         nodepools = {
             p.name: names.nodepool(owner.namespace, owner.name, p.name) for p in spec.pools if p.node_pool
         }
-        shortages = observe.merge_shortages(
-            observe.shortages_from_events(
+        shortages = capacity.merge_shortages(
+            capacity.shortages_from_events(
                 cluster.capacity_events, cluster.nodeclaims, nodepools, now_s,
                 max(loop.pending_grace_seconds, 2 * loop.interval_seconds),
             ),
-            observe.shortages_from_pods(cluster.pods, now_s, loop.pending_grace_seconds),
-            observe.shortages_from_unready_pods(cluster.pods, now_s, loop.pending_grace_seconds,
-                                                loop.readiness_timeout_seconds),
+            capacity.shortages_from_pods(cluster.pods, now_s, loop.pending_grace_seconds),
+            capacity.shortages_from_unready_pods(cluster.pods, now_s, loop.pending_grace_seconds,
+                                                 loop.readiness_timeout_seconds),
             # A failed model load will not heal by itself: short at once, not after the timeout.
             {pool: failure.since_s for pool, failure in load_failures.items()},
         )
-        observation = observe.build_observation(
-            now_s, [p.name for p in spec.pools], cluster.deployments,
-            (estimate.rate_rps, estimate.trend_rps_per_s), metrics, shortages,
+        signals = Signals(
+            arrival_rps=metrics.arrival_rps, window_s=metrics.window_s,
+            pools=observe.pool_observations([p.name for p in spec.pools], cluster.deployments, metrics, shortages),
         )
     except Exception as exc:  # noqa: BLE001 - whatever went wrong, keep the last plan and say why
-        message = str(exc) if isinstance(exc, observe.ObservationError) else f"{type(exc).__name__}: {exc}"
+        message = str(exc) if isinstance(exc, ObservationError) else f"{type(exc).__name__}: {exc}"
         _report_failure(client, body, status, cond.REASON_OBSERVATION_FAILED, message, now)
         return Outcome(error=message, plan=memory.plan)
-    memory.samples = tuple(estimate.samples)[-TREND_SAMPLES:]
 
-    previous_mode = memory.state.mode
-    plan, state = decide(observation, memory.state, observe.policy_spec(spec))
+    previous = memory.step
+    plan, step = control_step(previous, signals, policy_spec(spec), now_s)
+    if plan is None:
+        return Outcome(note="no rate measured yet")
+    state = step.state
+    # The policy's own signal (a sudden loss of ready replicas) counts as a shortage too.
+    shortages = capacity.merge_shortages(shortages, dict(plan.short))
     if stopping():
         return Outcome(plan=memory.plan, note="operator stopping: plan not applied")
     if gauges is not None:
@@ -204,22 +209,24 @@ def run_once(
             replicas={p.name: plan.replicas[p.name] for p in spec.pools}, short=shortages,
         )
     new_status = act.decided_status(
-        status, spec, plan, state, demand_rps=estimate.rate_rps, shortages=shortages, generation=generation, now=now,
+        status, spec, plan, state, demand_rps=step.demand_rps, shortages=shortages, generation=generation, now=now,
         load_failures=load_failures,
     )
     try:
         client.patch(kube.DIFFUSIONSERVICE, owner.namespace, owner.name, {"status": new_status}, subresource="status")
         if plan.mode_changed:
-            _post(client, act.mode_event(meta, previous_mode, plan, now))
+            _post(client, act.mode_event(meta, previous.state.mode, plan, now))
+        for pool in plan.newly_lost:
+            _post(client, act.capacity_lost_event(meta, pool, plan, now))
         for event in act.load_failure_events(meta, status, load_failures, now):
             _post(client, event)
         changes = act.apply_plan(client, owner, spec, plan, cluster.deployments)
     except (kube.ApiError, applying.ChildConflict) as exc:
         message = f"acting on the plan failed: {exc}"
         _report_failure(client, body, {**status, **new_status}, cond.REASON_ACTION_FAILED, message, now)
-        memory.state, memory.plan = state, plan
+        memory.step = step
         return Outcome(decided=True, plan=plan, error=message)
-    memory.state, memory.plan = state, plan
+    memory.step = step
     return Outcome(decided=True, plan=plan, changes=tuple(changes))
 
 

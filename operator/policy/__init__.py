@@ -1,7 +1,8 @@
 """The cost/capacity policy: a pure `decide(observation, state, spec) -> (plan, state)`.
 
 Imports neither Kubernetes nor torch nor kopf, reads no clock: dataclasses in, dataclasses
-out. See `decide` for the steps and `model` for the data.
+out. See `decide` for the steps, `model` for the data, and `step.control_step` for the one
+control step (demand fit + decide) that the kopf timer, `stepfleet up` and the simulator share.
 """
 
 from .decide import decide
@@ -17,6 +18,7 @@ from .model import (
     PoolSpec,
     SloSpec,
 )
+from .step import TREND_SAMPLES, Signals, StepMemory, control_step
 
 __all__ = [
     "ControlSettings",
@@ -27,7 +29,11 @@ __all__ = [
     "PoolObservation",
     "PoolPlan",
     "PoolSpec",
+    "Signals",
     "SloSpec",
+    "StepMemory",
+    "TREND_SAMPLES",
+    "control_step",
     "decide",
     "fit_trend",
     "planning_rate",

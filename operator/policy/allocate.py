@@ -87,8 +87,14 @@ def capacity_allocation(
     demand_rps: float,
     short: frozenset[str],
     cost_targets: Mapping[str, int],
+    bridges: frozenset[str] | None = None,
 ) -> Allocation:
-    """Spread what the short pools cannot serve over every pool with capacity."""
+    """Spread what the short pools cannot serve over every pool with capacity.
+
+    With `bridges`, only those pools take the deficit (the others keep the cost plan's
+    count): after a loss whose replacement is already provisioning, a pool that would be
+    ready only after the replacement bridges nothing and is not asked.
+    """
     replicas: dict[str, int] = {}
     short_servable = 0.0
     for pool in pools:
@@ -96,7 +102,11 @@ def capacity_allocation(
             # Keep ready replicas warm; keep asking for the cost plan's count (the probe).
             replicas[pool.name] = pool.clamp(max(pool.ready, cost_targets.get(pool.name, 0)))
             short_servable += pool.servable(pool.ready)
-    available = [p for p in pools if p.name not in short]
+        elif bridges is not None and pool.name not in bridges:
+            replicas[pool.name] = pool.clamp(cost_targets.get(pool.name, 0))
+            short_servable += pool.servable(min(pool.ready, replicas[pool.name]))
+    available = [p for p in pools if p.name not in short
+                 and (bridges is None or p.name in bridges)]
     for pool in available:
         replicas[pool.name] = pool.min_replicas
     deficit = demand_rps - short_servable

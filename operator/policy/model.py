@@ -19,6 +19,7 @@ from typing import Literal
 
 Mode = Literal["cost", "capacity"]
 ModeSetting = Literal["auto", "cost", "capacity"]
+CapacityType = Literal["on-demand", "spot", "reserved"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,11 @@ class PoolSpec:
     paper's breaking-point throughput and its latency there); an observation may carry
     fresher measurements, which then win. `service_cv` is how much one request's service
     time varies (coefficient of variation); it only feeds the queueing estimate.
+
+    `failure_domain` names what the pool's replicas fail with (a capacity type, zone and
+    instance family: `spot/us-east-1a/inf2`); pools that share it are lost together. Empty:
+    the pool is a domain of its own. `capacity_type` says whether it is spot (interrupted
+    at the provider's will, so hedged by default) or on-demand/reserved.
     """
 
     name: str
@@ -47,6 +53,13 @@ class PoolSpec:
     min_replicas: int = 0
     max_replicas: int = 100
     service_cv: float = 0.1
+    failure_domain: str = ""
+    capacity_type: CapacityType = "on-demand"
+
+    @property
+    def domain(self) -> str:
+        """The failure domain this pool is lost with (its own name when none is given)."""
+        return self.failure_domain or self.name
 
 
 @dataclass(frozen=True)
@@ -89,6 +102,25 @@ class ControlSettings:
     #: A pool already serving keeps its place in the cost order unless another is at least
     #: this much cheaper per image: moving load pays a provisioning delay of idle replicas.
     switch_margin: float = 0.05
+    #: Hedging: the share of the planned demand that ready capacity *outside* a failure
+    #: domain must serve, so that losing the domain holds the SLO until its replacement is
+    #: provisioned. Spot domains are hedged by default (the provider interrupts them at will,
+    #: SkyServe's SpotHedge); 1 would make a lone spot pool redundant, so half: the on-demand
+    #: fallback carries half the demand while spot replacements load. On-demand domains are
+    #: not hedged until they have lost ready capacity (a full hedge doubles the fleet's cost:
+    #: docs/simulator.md measures it); after a loss, for `loss_memory_s`, they are.
+    hedge_spot: float = 0.5
+    hedge_on_demand: float = 0.0
+    hedge_after_loss: float = 1.0
+    #: Seconds a domain that lost ready capacity stays hedged: a day, so a domain that
+    #: failed this morning is not trusted with all the traffic again this afternoon.
+    loss_memory_s: float = 86400.0
+    #: A pool whose ready replicas fall this fraction below what was ready and planned at
+    #: the last decision has lost capacity (outage, mass interruption, pods stuck not-ready):
+    #: a capacity signal, whatever the cause, acted on in the same decision.
+    loss_fraction: float = 0.25
+    #: Weight of a new provisioning measurement in a pool's learned provisioning time.
+    provision_learning: float = 0.3
 
 
 @dataclass(frozen=True)
@@ -159,6 +191,21 @@ class PoolMemory:
     recommendations: tuple[tuple[float, int], ...] = ()
     #: Replicas the last plan asked for.
     desired: int | None = None
+    #: Ready replicas at the last decision (what a sudden loss is measured against).
+    ready: int | None = None
+    #: Since when the pool has lost ready capacity (None: it has not, or it came back), and
+    #: how many ready replicas it is expected to regain.
+    lost_since: float | None = None
+    lost_expected: int = 0
+    #: Last time the pool lost ready capacity (drives the hedge memory).
+    last_loss_s: float | None = None
+    #: Learned seconds from asking for replicas to their being ready (None: not measured).
+    provision_s: float | None = None
+    #: When the oldest replicas still not ready were asked for, and how many were wanted.
+    asked_since: float | None = None
+    asked_target: int = 0
+    #: Share of traffic the last plan gave the pool.
+    weight: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -196,6 +243,10 @@ class Plan:
     reasons: tuple[str, ...]
     mode_changed: bool = False
     planned_rps: float = 0.0
+    #: Pools the policy holds short of capacity (signals and losses): pool -> since when.
+    short: tuple[tuple[str, float], ...] = ()
+    #: Pools that lost ready capacity in this decision (a new loss, for an Event).
+    newly_lost: tuple[str, ...] = ()
 
     @property
     def replicas(self) -> dict[str, int]:

@@ -7,6 +7,7 @@ current price, throughput, whether the pool can meet the SLO at all, how much it
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .costmodel import price_per_image, replicas_for, servable_rps
@@ -34,6 +35,8 @@ class PoolView:
     slo_latency_s: float
     allowed_late: float
     max_utilization: float
+    domain: str = ""
+    capacity_type: str = "on-demand"
 
     @property
     def price_per_image(self) -> float:
@@ -57,14 +60,22 @@ class PoolView:
         return max(self.min_replicas, min(self.max_replicas, replicas))
 
 
-def resolve(spec: PolicySpec, obs: Observation) -> tuple[PoolView, ...]:
-    """Views for every pool in the spec, in spec order (a pool not observed is empty)."""
+def resolve(spec: PolicySpec, obs: Observation,
+            learned_provision_s: Mapping[str, float] | None = None) -> tuple[PoolView, ...]:
+    """Views for every pool in the spec, in spec order (a pool not observed is empty).
+
+    `learned_provision_s` holds provisioning times measured on the pool itself; they win
+    over the declared ones (a model that takes 9 minutes to load is planned as 9 minutes).
+    """
     allowed_late = max(0.0, 1.0 - spec.slo.percentile) * spec.control.tail_budget
-    return tuple(_view(p, obs.pool(p.name) or PoolObservation(name=p.name), spec, allowed_late)
+    learned = learned_provision_s or {}
+    return tuple(_view(p, obs.pool(p.name) or PoolObservation(name=p.name), spec, allowed_late,
+                       learned.get(p.name))
                  for p in spec.pools)
 
 
-def _view(p: PoolSpec, o: PoolObservation, spec: PolicySpec, allowed_late: float) -> PoolView:
+def _view(p: PoolSpec, o: PoolObservation, spec: PolicySpec, allowed_late: float,
+          provision_s: float | None) -> PoolView:
     throughput = o.throughput_rps_per_replica or p.throughput_rps_per_replica
     price = p.price_per_hour if o.price_per_hour is None else o.price_per_hour
     slack = spec.slo.latency_s - p.latency_s * (1.0 + 2.0 * p.service_cv)
@@ -74,7 +85,7 @@ def _view(p: PoolSpec, o: PoolObservation, spec: PolicySpec, allowed_late: float
         throughput_rps=throughput,
         latency_s=p.latency_s,
         service_cv=p.service_cv,
-        provision_s=p.provision_s,
+        provision_s=p.provision_s if provision_s is None else provision_s,
         min_replicas=p.min_replicas,
         max_replicas=p.max_replicas,
         desired=o.desired_replicas,
@@ -87,4 +98,6 @@ def _view(p: PoolSpec, o: PoolObservation, spec: PolicySpec, allowed_late: float
         slo_latency_s=spec.slo.latency_s,
         allowed_late=allowed_late,
         max_utilization=spec.control.max_utilization,
+        domain=p.domain,
+        capacity_type=p.capacity_type,
     )

@@ -52,9 +52,11 @@ def stabilize(
         target = pool.clamp(targets.get(pool.name, pool.min_replicas))
         memory = memories.get(pool.name) or PoolMemory(name=pool.name)
         past = memory.recommendations
-        if not past and pool.desired > 0:
-            # First decision for this pool: treat what runs now as the last recommendation,
-            # so a freshly started loop does not drop replicas before it has measured demand.
+        if not past and pool.desired > 0 and current_rps <= 0:
+            # First decision before any demand was measured: treat what runs now as the last
+            # recommendation, so a fresh loop does not drop replicas it knows nothing about.
+            # With demand measured, surplus beyond the release buffer goes at once: a fleet
+            # ten times too big costs more in one window than any misjudged ramp.
             past = ((now_s, pool.desired),)
         kept = tuple((t, n) for t, n in past if t > now_s - window_s) + ((now_s, target),)
         history[pool.name] = kept

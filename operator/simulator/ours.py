@@ -1,33 +1,29 @@
-"""`ours`: the simulated fleet driven by the operator's own `decide`.
+"""`ours`: the simulated fleet driven by the operator's own control step.
 
-This adapter plays the operator's observe and act: it turns the fleet view into an
-`Observation` (rates over the last interval, the trend over the last five, Karpenter's
-insufficient-capacity reports as `capacity_short_since`), calls the pure policy, and turns
-the plan into replicas and weights. The policy code is the one the kopf timer will run.
+This adapter plays the operator's observe and act: it turns the fleet view into `Signals`
+(the request rate over the last interval, per-pool replicas, latency and queue, Karpenter's
+insufficient-capacity reports as `capacity_short_since`), calls the pure
+`policy.control_step` — the one the kopf timer and `stepfleet up` call — and turns the plan
+into replicas and weights. Like the operator's scraping path, it decides nothing before a
+rate was measured (the tick at t=0 sees no history).
 """
 
 from __future__ import annotations
 
-from collections import deque
-
 from stepfleet.operator.policy import (
     ControlSettings,
-    Observation,
     PolicySpec,
-    PolicyState,
     PoolObservation,
     PoolSpec,
+    Signals,
     SloSpec,
-    decide,
+    StepMemory,
+    control_step,
 )
-from stepfleet.operator.policy.demand import estimate_demand
 
 from .controller import Actions
 from .scenario import Scenario
 from .view import FleetView
-
-#: Interval rates the trend is fitted over (a quarter hour at the default interval).
-TREND_SAMPLES = 15
 
 
 def policy_spec(scenario: Scenario) -> PolicySpec:
@@ -40,7 +36,8 @@ def policy_spec(scenario: Scenario) -> PolicySpec:
                      throughput_rps_per_replica=p.throughput_rps_per_replica,
                      latency_s=p.latency_s, provision_s=p.provision_s,
                      min_replicas=p.min_replicas, max_replicas=p.max_replicas,
-                     service_cv=p.service_cv)
+                     service_cv=p.service_cv, failure_domain=p.failure_domain or "",
+                     capacity_type=p.capacity_type)
             for p in scenario.pools),
         control=ControlSettings(interval_s=scenario.control_interval_s, **overrides),
     )
@@ -52,21 +49,14 @@ class Ours:
     def __init__(self, scenario: Scenario) -> None:
         self.spec = policy_spec(scenario)
         self.period_s = scenario.control_interval_s
-        self.state = PolicyState()
-        self.samples: deque[tuple[float, float]] = deque(maxlen=TREND_SAMPLES)
+        self.memory = StepMemory()
         self.percentile = scenario.slo.percentile
 
-    def observe(self, view: FleetView) -> Observation:
+    def signals(self, view: FleetView) -> Signals:
         now = view.now_s
-        rate, trend = view.arrival_rate(self.period_s), 0.0
-        if now >= self.period_s:  # a full window: a sample, stamped at its middle
-            self.samples.append((now - self.period_s / 2.0, rate))
-            estimate = estimate_demand(list(self.samples), self.period_s, now)
-            rate, trend = estimate.rate_rps, estimate.trend_rps_per_s
-            self.samples = deque(estimate.samples, maxlen=TREND_SAMPLES)
-        pools = []
-        for index, counts in enumerate(view.pools):
-            pools.append(PoolObservation(
+        measured = now >= self.period_s  # a full window behind us
+        pools = tuple(
+            PoolObservation(
                 name=counts.name,
                 desired_replicas=counts.desired,
                 ready_replicas=counts.ready,
@@ -75,11 +65,14 @@ class Ours:
                 latency_s=view.latency_percentile(index, self.period_s, self.percentile),
                 queue_depth=view.queue_depth(index),
                 capacity_short_since=counts.unschedulable_since,
-            ))
-        return Observation(now_s=now, arrival_rps=rate, arrival_trend_rps_per_s=trend,
-                           pools=tuple(pools))
+            )
+            for index, counts in enumerate(view.pools))
+        return Signals(arrival_rps=view.arrival_rate(self.period_s) if measured else None,
+                       window_s=self.period_s, pools=pools)
 
     def step(self, view: FleetView) -> Actions:
-        plan, self.state = decide(self.observe(view), self.state, self.spec)
+        plan, self.memory = control_step(self.memory, self.signals(view), self.spec, view.now_s)
+        if plan is None:
+            return Actions(reasons=("no rate measured yet: keeping what runs",))
         return Actions(replicas=plan.replicas, weights=plan.weights, mode=plan.mode,
                        reasons=plan.reasons)

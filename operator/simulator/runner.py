@@ -19,6 +19,7 @@ from .load import arrivals
 from .metrics import summarize
 from .ours import Ours
 from .scenario import Scenario
+from .spothedge import SpotHedge
 
 POLICIES: dict[str, Callable[[Scenario], Controller]] = {
     "ours": Ours,
@@ -26,6 +27,7 @@ POLICIES: dict[str, Callable[[Scenario], Controller]] = {
     "static-mixed": StaticMixed,
     "paper": PaperLoop,
     "hpa": HpaBaseline,
+    "spothedge": SpotHedge,
 }
 
 

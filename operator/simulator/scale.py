@@ -4,7 +4,8 @@ It exists to show the simulator (and `decide`) stay fast at fleet sizes well pas
 single service: ten accelerator pools (price and throughput variations of the paper's four)
 start with 1,000 ready replicas each, load rises from 600 to 1,100 requests per second over
 20 minutes, and every event kind fires once. Provisioning delays are shortened to a few
-minutes so that replicas asked for during the run also serve in it.
+minutes so that replicas asked for during the run also serve in it. Pools of one instance
+family (`inf2-a`, `inf2-b`) share a failure domain.
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ def scale_scenario(seed: int = 5) -> Scenario:
         "pools": [
             {"name": name, "price_per_hour": price, "throughput_rps_per_replica": rps,
              "latency_s": latency, "provision_s": provision, "min_replicas": 1,
-             "max_replicas": 1000, "initial_replicas": 1000}
+             "max_replicas": 1000, "initial_replicas": 1000,
+             # one instance family fails together (the -a/-b/-c variants share it)
+             "failure_domain": name.split("-")[0]}
             for name, price, rps, latency, provision in _POOLS],
         "load": {"kind": "cosine", "base_rps": 600, "peak_rps": 1100, "period_s": 2400},
         "events": [

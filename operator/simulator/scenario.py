@@ -39,6 +39,11 @@ class Pool(_Model):
     initial_replicas: int = Field(default=0, ge=0)
     #: Coefficient of variation of one request's service time (0: deterministic).
     service_cv: float = Field(default=0.1, ge=0, le=2)
+    #: What the pool's replicas fail with (pools sharing it are lost together: a spot
+    #: market, a zone, an instance family). Unset: the pool is its own failure domain.
+    failure_domain: str | None = Field(default=None, min_length=1, max_length=63)
+    #: Spot pools are hedged by default (SpotHedge); on-demand ones after a loss.
+    capacity_type: Literal["on-demand", "spot", "reserved"] = "on-demand"
     #: Fixed router weight for the fixed-weight baselines (`static-mixed`, `hpa`, `paper`'s
     #: cost mode). Unset on every pool: weights in inverse proportion to price per image.
     weight: float | None = Field(default=None, ge=0)
@@ -159,6 +164,11 @@ class Control(_Model):
     switch_margin: float | None = Field(default=None, ge=0, lt=1)
     scale_down_buffer: float | None = Field(default=None, ge=0)
     scale_down_per_min: float | None = Field(default=None, gt=0)
+    hedge_spot: float | None = Field(default=None, ge=0, le=1)
+    hedge_on_demand: float | None = Field(default=None, ge=0, le=1)
+    hedge_after_loss: float | None = Field(default=None, ge=0, le=1)
+    loss_memory_s: float | None = Field(default=None, ge=0)
+    loss_fraction: float | None = Field(default=None, gt=0, le=1)
 
 
 class Scenario(_Model):

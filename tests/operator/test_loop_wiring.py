@@ -57,6 +57,8 @@ FAST_LOOP = {
     "stabilizationSeconds": 0,
     "pendingGraceSeconds": 60,
     "provisioningSeconds": 0,
+    # These tests are about signals and wiring, not hedging (test_loop_hedging.py is).
+    "hedgeSpot": 0,
 }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from sim_fixtures import scenario
+from sim_fixtures import POOL_A, scenario
 
 from stepfleet.operator.simulator.baselines import (
     BASELINE_UTILIZATION,
@@ -96,3 +96,33 @@ def test_paper_loop_targets_breaking_point_then_adjusted_throughput():
     mean = (1.75 + 2.1667 + 1.5 + 1.0167) / 4
     assert loop.adjusted == pytest.approx({"inf2": mean, "trn1": mean, "a10g": 1.5,
                                            "l4": 1.0167})
+
+
+def test_spothedge_spreads_over_three_domains_so_any_one_can_be_lost():
+    sc = scenario(pools=[
+        {**POOL_A, "name": name, "price_per_hour": price, "initial_replicas": 2}
+        for name, price in (("a", 1.0), ("b", 2.0), ("c", 3.0), ("d", 4.0))])
+    log = run_policy(sc, "spothedge", draw(sc))
+    last = log.timeline[-1]
+    desired = dict(zip([p.name for p in sc.pools], last.desired, strict=True))
+    # 4 rps at 80 %: 5 rps of target, half of it on each of the three cheapest domains.
+    assert desired["d"] == 0
+    for name in ("a", "b", "c"):
+        assert desired[name] * 2.0 >= 2.5
+    assert desired["a"] * 2.0 + desired["b"] * 2.0 >= 5.0  # c lost: a and b still hold the target
+
+
+def test_spothedge_avoids_a_domain_that_was_just_preempted():
+    sc = scenario(pools=[
+        {**POOL_A, "name": name, "price_per_hour": price, "initial_replicas": 2}
+        for name, price in (("a", 1.0), ("b", 2.0), ("c", 3.0), ("d", 4.0))],
+        events=[{"at_s": 150, "kind": "outage", "pool": "a"}])
+    log = run_policy(sc, "spothedge", draw(sc))
+    after = [t for t in log.timeline if 180 <= t.t <= 500]
+    assert after and all(t.desired[3] > 0 for t in after)  # d replaces a among the three
+
+
+@pytest.mark.parametrize("name", ["cheap-pool-lost", "two-domains-lost", "hedge-price-flip"])
+def test_the_hedging_scenarios_load(name):
+    sc = load_builtin(name)
+    assert sc.duration_s == 86400 and sc.events

@@ -35,7 +35,7 @@ def test_json_has_the_documented_shape(small_file, capsys):
     doc = json.loads(capsys.readouterr().out)
     assert doc["scenario"] == "small"
     assert set(doc) >= {"scenario", "policies", "cost_lower_bound_usd", "wall_s"}
-    assert list(doc["policies"]) == ["ours", "static-cheapest", "static-mixed", "paper", "hpa"]
+    assert list(doc["policies"]) == ["ours", "static-cheapest", "static-mixed", "paper", "hpa", "spothedge"]
     for result in doc["policies"].values():
         assert set(result) >= {"slo_attainment", "cost_usd", "cost_per_1k_images", "dropped",
                                "recovery_s"}

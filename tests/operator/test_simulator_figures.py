@@ -62,3 +62,14 @@ def test_scale_runs_within_a_minute():
     doc = run(scale_scenario(), ["ours"])
     assert doc["requests"] >= 1_000_000
     assert time.perf_counter() - started < 60
+
+
+@pytest.mark.slow
+def test_spot_interruption_figures():
+    # The first interruption turns on the hedge for inf2's domain: the next two cost nothing.
+    doc = run(load_builtin("spot-interruption"), ["ours", "static-mixed", "spothedge"])
+    ours = doc["policies"]["ours"]
+    assert ours["slo_attainment"] >= 0.99
+    assert ours["recovery_s"][1:] == [0.0, 0.0]
+    for name in ("static-mixed", "spothedge"):
+        assert ours["cost_usd"] < doc["policies"][name]["cost_usd"]

@@ -51,9 +51,9 @@ def test_the_issue_example_parses(tmp_path):
     assert peak_rate(sc) == pytest.approx(120, abs=0.01)
 
 
-def test_builtins_are_the_five_named_scenarios_on_the_paper_pools():
-    assert builtin_names() == ["diurnal", "outage", "price-change", "shortage",
-                               "spot-interruption"]
+def test_builtins_are_the_named_scenarios_on_the_paper_pools():
+    assert builtin_names() == ["cheap-pool-lost", "diurnal", "hedge-price-flip", "outage", "price-change",
+                               "shortage", "spot-interruption", "two-domains-lost"]
     for name in builtin_names():
         sc = load_builtin(name)
         assert sc.name == name
