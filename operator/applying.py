@@ -107,16 +107,30 @@ def owned_by_same(live: dict[str, Any], desired: dict[str, Any]) -> bool:
     return all(labels.get(k) == wanted.get(k) for k in (names.LABEL_OWNER_NAMESPACE, names.LABEL_OWNER_NAME))
 
 
-def apply(client: kube.Client, desired: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+def apply(
+    client: kube.Client, desired: dict[str, Any], *, create: bool = True, expect_generation: int | None = None
+) -> tuple[str, dict[str, Any]]:
     """Bring one child to `desired`; returns (action, live object afterwards).
 
-    Raises `ChildConflict` rather than take over an object someone else owns.
+    Raises `ChildConflict` rather than take over an object someone else owns. Two guards for
+    a writer whose view may be stale (the control loop decides on what it read an interval
+    ago, while the reconcile may have moved on to a newer spec): `create=False` never creates
+    (action "absent" when the child is gone, e.g. pruned with its pool); `expect_generation`
+    is the `metadata.generation` the writer read: a child whose spec changed since (a newer
+    reconcile, a hand edit) raises a 409 `kube.ApiError` instead of being reverted. The
+    generation, not the resourceVersion: a Deployment's status moves with every pod that
+    becomes ready, and that must not make the loop miss its turn.
     """
     kind = kube.kind_of(desired)
     meta = desired["metadata"]
     live = client.get(kind, meta.get("namespace"), meta["name"])
     if live is not None and not owned_by_same(live, desired):
         raise ChildConflict(f"{desired['kind']} {meta['name']} exists and is not owned by this DiffusionService")
+    if live is None and not create:
+        return "absent", {}
+    if live is not None and expect_generation is not None and live["metadata"].get("generation") != expect_generation:
+        raise kube.ApiError(409, "Conflict", f"{desired['kind']} {meta['name']} changed since it was read "
+                                             f"(generation {expect_generation} -> {live['metadata'].get('generation')})")
     action, body = plan(live, desired)
     if action == "create":
         return action, client.create(body)  # a 409 (created meanwhile) is retried by the caller

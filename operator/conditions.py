@@ -27,6 +27,8 @@ REASON_ALL_POOLS_SERVING = "AllPoolsServing"
 REASON_NOT_OBSERVED = "NotObserved"
 REASON_RECONCILED = "Reconciled"
 REASON_CLEANED_UP = "CleanedUp"
+#: The finalizer could not delete a NodePool: the DiffusionService stays until it can.
+REASON_CLEANUP_FAILED = "CleanupFailed"
 REASON_KARPENTER_UNAVAILABLE = "KarpenterUnavailable"
 REASON_CHILD_CONFLICT = "ChildConflict"
 # Owned by the control loop (stepfleet.operator.loop).
@@ -140,3 +142,11 @@ def reconciled_event(owner: dict[str, Any], changes: Sequence[str], now: dt.date
 
 def cleaned_up_event(owner: dict[str, Any], deleted: Sequence[str], now: dt.datetime) -> dict[str, Any]:
     return event(owner, type_="Normal", reason=REASON_CLEANED_UP, message="deleted " + ", ".join(deleted), now=now)
+
+
+def cleanup_failed_event(owner: dict[str, Any], failures: Sequence[str], now: dt.datetime) -> dict[str, Any]:
+    """Why a deleted DiffusionService does not go away: its finalizer waits for these."""
+    return event(
+        owner, type_="Warning", reason=REASON_CLEANUP_FAILED, now=now,
+        message=f"deletion waits for the finalizer {names.FINALIZER}, retrying: " + "; ".join(failures),
+    )

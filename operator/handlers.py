@@ -17,9 +17,10 @@ from typing import Any
 import kopf
 from prometheus_client import CollectorRegistry
 
+from stepfleet.operator import conditions as cond
 from stepfleet.operator import kube, loop, names, reconcile
 from stepfleet.operator.loop.metrics import LoopMetrics
-from stepfleet.operator.models import API_GROUP, API_VERSION, PLURAL
+from stepfleet.operator.models import API_GROUP, API_VERSION, PLURAL, NetworkPeer
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,12 @@ class OperatorConfig:
     #: The control loop's gauges (`stepfleet operator` passes the ones it serves on /metrics);
     #: None keeps them on a private registry.
     loop_metrics: LoopMetrics | None = None
+    #: Pods besides each service's router that its workers' NetworkPolicy admits: the operator
+    #: itself (the control loop scrapes worker pods) and the cluster's Prometheus (`--metrics-from`).
+    metrics_peers: tuple[NetworkPeer, ...] = ()
+    #: Whether kopf may list and watch namespaces and CRDs. Only a cluster-wide operator needs to
+    #: (to find new namespaces); one given exact namespaces does without, and so does its RBAC.
+    scan_cluster: bool = True
 
 
 def configure(settings: kopf.OperatorSettings, config: OperatorConfig) -> None:
@@ -58,6 +65,7 @@ def configure(settings: kopf.OperatorSettings, config: OperatorConfig) -> None:
     settings.watching.reconnect_backoff = config.watch_reconnect_s
     settings.watching.server_timeout = config.watch_server_timeout_s
     settings.execution.max_workers = config.workers
+    settings.scanning.disabled = not config.scan_cluster
     settings.posting.level = logging.WARNING
 
 
@@ -100,7 +108,7 @@ def register(
     @kopf.on.update(**resource, field="spec", **common)
     def reconcile_service(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, **_: Any) -> None:
         try:
-            outcome = reconcile.reconcile(client(), body, now=_now())
+            outcome = reconcile.reconcile(client(), body, now=_now(), metrics_peers=config.metrics_peers)
         except kube.ApiError as exc:
             if exc.retryable:
                 raise _temporary(exc, config) from exc
@@ -113,14 +121,22 @@ def register(
             logger.info("reconciled: %s", "; ".join(outcome.changes))
 
     @kopf.on.delete(**resource, **common)
-    def delete_service(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
+    def delete_service(body: kopf.Body, logger: logging.Logger, retry: int, **_: Any) -> None:
+        # Whatever fails here is retried, a 403 included (an admin may grant the right): the
+        # finalizer keeps the object until its NodePools are gone. A Warning says why (on the
+        # first try and every tenth after, not every backoff).
+        report = retry % 10 == 0
         try:
             outcome = reconcile.cleanup(client(), body, now=_now())
         except kube.ApiError as exc:
-            if exc.retryable:
-                raise _temporary(exc, config) from exc
-            raise
-        _post(client(), outcome.events, logger)
+            if report:
+                _post(client(), [cond.cleanup_failed_event(body["metadata"], [f"listing NodePools: {exc}"], _now())],
+                      logger)
+            raise _temporary(exc, config) from exc
+        _post(client(), [e for e in outcome.events if report or e["reason"] != cond.REASON_CLEANUP_FAILED], logger)
+        if outcome.pending:
+            raise kopf.TemporaryError(f"NodePools not deleted yet: {'; '.join(outcome.pending)}",
+                                      delay=config.retry_backoff_s)
         meta = body["metadata"]
         gauges.forget(meta["namespace"], meta["name"])  # kopf stops the loop's timer on deletion
 

@@ -49,6 +49,8 @@ EVENT = Kind("v1", "Event", "events")
 SERVICEACCOUNT = Kind("v1", "ServiceAccount", "serviceaccounts")
 ROLE = Kind("rbac.authorization.k8s.io/v1", "Role", "roles")
 ROLEBINDING = Kind("rbac.authorization.k8s.io/v1", "RoleBinding", "rolebindings")
+#: Lets only the router (and scrapers) reach a service's workers.
+NETWORKPOLICY = Kind("networking.k8s.io/v1", "NetworkPolicy", "networkpolicies")
 DIFFUSIONSERVICE = Kind("stepfleet.io/v1alpha1", "DiffusionService", "diffusionservices")
 #: Read by the control loop only (pending pods, Karpenter's launch attempts).
 POD = Kind("v1", "Pod", "pods")
@@ -57,7 +59,7 @@ NODECLAIM = Kind("karpenter.sh/v1", "NodeClaim", "nodeclaims", namespaced=False)
 KINDS: dict[tuple[str, str], Kind] = {
     (k.api_version, k.kind): k
     for k in (DEPLOYMENT, SERVICE, CONFIGMAP, PDB, SERVICEMONITOR, NODEPOOL, EVENT, DIFFUSIONSERVICE, POD, NODECLAIM,
-              SERVICEACCOUNT, ROLE, ROLEBINDING)
+              SERVICEACCOUNT, ROLE, ROLEBINDING, NETWORKPOLICY)
 }
 
 

@@ -278,6 +278,67 @@ class ServingSpec(_Model):
     )
 
 
+#: A Secret's name (a DNS subdomain) and a key in it.
+SecretName = Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", min_length=1, max_length=253)]
+SecretKey = Annotated[str, Field(pattern=r"^[-._a-zA-Z0-9]+$", min_length=1, max_length=253)]
+
+
+class SecretKeyRef(_Model):
+    """A key of a Secret in the service's namespace. The operator never reads it: the kubelet
+    mounts it into the pods as a file, so the operator needs no right to read Secrets."""
+
+    name: SecretName = Field(description="Secret name, in the DiffusionService's namespace.")
+    key: SecretKey | None = Field(default=None, description="Key in the Secret. Default: the field's own (see its description).")
+
+
+class NetworkPeer(_Model):
+    """Pods allowed to reach the workers' port besides the router (a NetworkPolicy peer)."""
+
+    namespace: str | None = Field(
+        default=None, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63,
+        description="Namespace of the pods. Default: the DiffusionService's own.",
+    )
+    pod_labels: dict[str, str] = Field(
+        default_factory=dict, description="Labels the pods carry. Empty: every pod of the namespace."
+    )
+
+
+class SecuritySpec(_Model):
+    """Who may call the fleet and who may reach its workers (issue 19)."""
+
+    api_keys: SecretKeyRef | None = Field(
+        default=None,
+        description=(
+            "Secret holding the router's API keys file (key default `api-keys`): one key per line, optionally "
+            "`tenant=NAME rps=N burst=N`; keys of one tenant share its templates, other tenants never see them. "
+            "Mounted into the router, which re-reads it when the Secret changes. Unset: the router is open to "
+            "anyone who can reach it."
+        ),
+    )
+    worker_token: SecretKeyRef | None = Field(
+        default=None,
+        description=(
+            "Secret holding the token the router sends to workers (key default `token`); workers answer 401 to "
+            "any other caller except on /healthz, /readyz and /metrics. Mounted into the router and every "
+            "worker; read at start, so a new token takes a rollout. Unset: workers rely on the NetworkPolicy."
+        ),
+    )
+    network_policy: bool = Field(
+        default=True,
+        description=(
+            "Create a NetworkPolicy that lets only the router's pods, the operator and `metricsFrom` reach the "
+            "workers' port. Default: true (it needs a network plugin that enforces NetworkPolicies)."
+        ),
+    )
+    metrics_from: list[NetworkPeer] = Field(
+        default_factory=list, max_length=8,
+        description=(
+            "Who else may reach the workers' port: a Prometheus scraping /metrics. A NetworkPolicy admits ports, "
+            "not paths: the worker token keeps such a peer to /metrics, /readyz and /healthz."
+        ),
+    )
+
+
 class ControlLoopSpec(_Model):
     """Settings of the cost/capacity control loop (`stepfleet.operator.loop`)."""
 
@@ -367,6 +428,7 @@ class DiffusionServiceSpec(_Model):
     router: RouterSpec = Field(default_factory=RouterSpec)
     serving: ServingSpec = Field(default_factory=ServingSpec)
     control_loop: ControlLoopSpec = Field(default_factory=ControlLoopSpec)
+    security: SecuritySpec = Field(default_factory=SecuritySpec)
 
     @model_validator(mode="after")
     def _unique_pool_names(self) -> DiffusionServiceSpec:

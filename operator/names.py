@@ -30,6 +30,11 @@ ROUTER_PORT = 8000
 ROUTER_CONFIG_KEY = "router.yaml"
 ROUTER_CONFIG_DIR = "/etc/stepfleet"
 DEFAULT_IMAGE_REPO = "ghcr.io/stepfleet/stepfleet"
+#: Where Secrets are mounted (outside the router's ConfigMap mount, which is read-only).
+SECRETS_DIR = "/var/run/stepfleet"
+#: Default keys in the Secrets `spec.security` names.
+API_KEYS_KEY = "api-keys"
+WORKER_TOKEN_KEY = "token"
 
 
 def worker(service: str, pool: str) -> str:
@@ -40,6 +45,11 @@ def worker(service: str, pool: str) -> str:
 def router(service: str) -> str:
     """Router Deployment, Service and ConfigMap name."""
     return f"{service}-router"
+
+
+def workers_policy(service: str) -> str:
+    """The NetworkPolicy that guards every worker pool of a service."""
+    return f"{service}-workers"
 
 
 def nodepool(namespace: str, service: str, pool: str) -> str:
@@ -63,6 +73,11 @@ def worker_selector(service: str, pool: str) -> dict[str, str]:
 
 def router_selector(service: str) -> dict[str, str]:
     return {LABEL_SERVICE: service, LABEL_COMPONENT: "router"}
+
+
+def workers_selector(service: str) -> dict[str, str]:
+    """Every worker pod of a service, whatever its pool (what the NetworkPolicy guards)."""
+    return {LABEL_SERVICE: service, LABEL_COMPONENT: "worker"}
 
 
 def worker_labels(service: str, pool: str) -> dict[str, str]:

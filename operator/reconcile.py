@@ -19,14 +19,14 @@ from typing import Any
 from stepfleet.operator import applying, kube, names, status
 from stepfleet.operator import conditions as cond
 from stepfleet.operator.children import Observed, Owner, build_all, router
-from stepfleet.operator.models import DiffusionServiceSpec
+from stepfleet.operator.models import DiffusionServiceSpec, NetworkPeer
 from stepfleet.operator.validation import validate
 
 log = logging.getLogger(__name__)
 
 #: Namespaced kinds the operator creates, in the order they are pruned.
 NAMESPACED_KINDS = (kube.DEPLOYMENT, kube.PDB, kube.SERVICE, kube.CONFIGMAP, kube.ROLEBINDING, kube.ROLE,
-                    kube.SERVICEACCOUNT)
+                    kube.SERVICEACCOUNT, kube.NETWORKPOLICY)
 
 
 @dataclass
@@ -37,6 +37,8 @@ class Outcome:
     events: list[dict[str, Any]] = field(default_factory=list)
     changes: list[str] = field(default_factory=list)
     valid: bool = True
+    #: Work that failed and must be retried (cleanup: NodePools not yet deleted).
+    pending: list[str] = field(default_factory=list)
 
 
 def owner_of(body: Mapping[str, Any]) -> Owner:
@@ -44,8 +46,10 @@ def owner_of(body: Mapping[str, Any]) -> Owner:
     return Owner(name=meta["name"], namespace=meta["namespace"], uid=meta.get("uid", ""), generation=meta.get("generation") or 1)
 
 
-def observe(client: kube.Client, owner: Owner, spec: DiffusionServiceSpec) -> Observed:
-    """Read what the builders must carry over instead of overwrite."""
+def observe(
+    client: kube.Client, owner: Owner, spec: DiffusionServiceSpec, metrics_peers: tuple[NetworkPeer, ...] = ()
+) -> Observed:
+    """Read what the builders must carry over instead of overwrite (`metrics_peers`: the operator's own)."""
     replicas: dict[str, int] = {}
     for pool in spec.pools:
         dep = client.get(kube.DEPLOYMENT, owner.namespace, names.worker(owner.name, pool.name))
@@ -59,7 +63,8 @@ def observe(client: kube.Client, owner: Owner, spec: DiffusionServiceSpec) -> Ob
             weights = {p["name"]: float(p["weight"]) for p in cfg.get("pools", [])}
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("ignoring unreadable router config of %s/%s: %s", owner.namespace, owner.name, exc)
-    return Observed(replicas=replicas, weights=weights, servicemonitor_available=client.serves(kube.SERVICEMONITOR))
+    return Observed(replicas=replicas, weights=weights, servicemonitor_available=client.serves(kube.SERVICEMONITOR),
+                    metrics_peers=metrics_peers)
 
 
 def _owned(obj: Mapping[str, Any], owner: Owner) -> bool:
@@ -102,8 +107,13 @@ def blockers(client: kube.Client, owner: Owner, spec: DiffusionServiceSpec) -> l
     return []
 
 
-def reconcile(client: kube.Client, body: Mapping[str, Any], *, now: dt.datetime) -> Outcome:
-    """Make the children match the spec; never raises for a bad spec, only for API errors."""
+def reconcile(
+    client: kube.Client, body: Mapping[str, Any], *, now: dt.datetime, metrics_peers: tuple[NetworkPeer, ...] = ()
+) -> Outcome:
+    """Make the children match the spec; never raises for a bad spec, only for API errors.
+
+    `metrics_peers`: who besides the router may reach the workers (the operator's `--metrics-from`).
+    """
     meta = body["metadata"]
     old_status = dict(body.get("status") or {})
     generation = meta.get("generation")
@@ -115,7 +125,7 @@ def reconcile(client: kube.Client, body: Mapping[str, Any], *, now: dt.datetime)
             valid=False,
         )
     owner = owner_of(body)
-    observed = observe(client, owner, spec)
+    observed = observe(client, owner, spec, metrics_peers)
     desired = build_all(owner, spec, observed)
     blocked = blockers(client, owner, spec)
     if blocked:
@@ -183,12 +193,23 @@ def _same_status(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
 
 
 def cleanup(client: kube.Client, body: Mapping[str, Any], *, now: dt.datetime) -> Outcome:
-    """On delete: remove cluster-scoped NodePools (namespaced children go with owner references)."""
+    """On delete: remove cluster-scoped NodePools (namespaced children go with owner references).
+
+    Every NodePool is tried even if one fails; those that could not be deleted are `pending`
+    (the handler keeps the finalizer and retries) and named in a CleanupFailed Warning, so a
+    deletion that hangs says why. A failed list raises `kube.ApiError`.
+    """
     owner = owner_of(body)
-    deleted = [
-        f"NodePool {obj['metadata']['name']}"
-        for obj in client.list(kube.NODEPOOL, None, _nodepool_selector(owner))
-        if client.delete(kube.NODEPOOL, None, obj["metadata"]["name"])
-    ]
+    deleted: list[str] = []
+    failed: list[str] = []
+    for obj in client.list(kube.NODEPOOL, None, _nodepool_selector(owner)):
+        name = obj["metadata"]["name"]
+        try:
+            if client.delete(kube.NODEPOOL, None, name):
+                deleted.append(f"NodePool {name}")
+        except kube.ApiError as exc:
+            failed.append(f"NodePool {name}: {exc}")
     events = [cond.cleaned_up_event(body["metadata"], deleted, now)] if deleted else []
-    return Outcome(status={}, events=events, changes=deleted)
+    if failed:
+        events.append(cond.cleanup_failed_event(body["metadata"], failed, now))
+    return Outcome(status={}, events=events, changes=deleted, pending=failed)

@@ -138,7 +138,7 @@ def _load(state: WorkerState, owned: ExitStack) -> None:
                                               disk_dir=s.template_dir))
     edits: EditExtension | None = None
     try:
-        edits = EditExtension(backbone, cache)
+        edits = EditExtension(backbone, cache, halo=s.edit_halo)
         owned.callback(edits.close)
     except NotImplementedError as exc:  # a family or denoiser that masked compute does not know
         log.warning("edits disabled: %s", exc)

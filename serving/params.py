@@ -8,10 +8,19 @@ layer can answer 400 with OpenAI's `param`.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 
 SCHEDULERS: tuple[str, ...] = ("ddim", "euler", "euler_a", "dpmpp_2m", "lcm")
 OUTPUT_FORMATS: tuple[str, ...] = ("png", "jpeg", "webp")
+#: OpenAI's `partial_images`: at most this many previews per streamed request.
+MAX_PARTIAL_IMAGES = 3
+#: OpenAI's `quality` → denoising steps, as a multiple of the worker's `--default-steps` (each
+#: model's own budget, set per pool); an explicit `num_inference_steps` wins. `auto` and
+#: DALL·E's `standard` are `medium`; its `hd`, and `xhigh`/`max`, are `high`.
+QUALITY_STEP_FACTORS: dict[str, float] = {"low": 0.5, "medium": 1.0, "high": 2.0}
+QUALITY_ALIASES: dict[str, str] = {"auto": "medium", "standard": "medium", "hd": "high", "xhigh": "high",
+                                   "max": "high"}
 #: LCM's schedule is distilled from 50 original steps; it cannot sample more than that.
 LCM_MAX_STEPS = 50
 
@@ -82,6 +91,8 @@ class GenerationParams:
     crop_top_left: tuple[int, int] = (0, 0)
     #: Set for image edits and template registrations; None for plain text-to-image.
     edit: EditSpec | None = None
+    #: Set for streamed requests (`stream: true`): where partial images go.
+    stream: StreamSpec | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -101,6 +112,34 @@ class EditSpec:
     pixel_mask: object = None  # (H, W) bool tensor (edits only)
     strength: float = 1.0
     use_cache: bool = True
+
+
+@dataclass(frozen=True, eq=False)
+class StreamSpec:
+    """A streamed request's previews: `partial_images` (0-3) at evenly spaced steps, each handed to
+    `sink(index, images)` on the engine's loop thread (`images`: uint8 (n, H, W, 3)); the sink
+    must return at once (the HTTP layer hands it to its event loop)."""
+
+    partial_images: int
+    sink: Callable[[int, object], None]
+
+
+def resolve_quality(quality: str | None, default_steps: int, max_steps: int) -> tuple[str, int]:
+    """(`quality` as run, its step budget): `low` half the default steps, `high` twice (at most
+    `max_steps`), `medium`/`auto`/omitted the default."""
+    q = QUALITY_ALIASES.get(quality or "auto", quality or "auto")
+    if q not in QUALITY_STEP_FACTORS:
+        raise InvalidParam("quality", f"must be one of low, medium, high, auto (got {quality!r})")
+    return q, max(1, min(max_steps, round(default_steps * QUALITY_STEP_FACTORS[q])))
+
+
+def check_background(background: str | None) -> str:
+    """`opaque` and `auto` are what every served model draws; `transparent` needs an alpha channel
+    no Stable Diffusion VAE has."""
+    if background == "transparent":
+        raise InvalidParam("background", "transparent backgrounds need a model that draws an alpha channel; "
+                           "this model draws opaque images (send 'opaque' or 'auto')", code="unsupported_value")
+    return "opaque"
 
 
 def parse_size(size: str | None, default: tuple[int, int], limits: Limits) -> tuple[int, int]:
@@ -128,8 +167,8 @@ def parse_size(size: str | None, default: tuple[int, int], limits: Limits) -> tu
 
 def validate(params: GenerationParams, limits: Limits) -> GenerationParams:
     """Check ranges the schema cannot express; raise InvalidParam naming the field."""
-    if not params.prompt or not params.prompt.strip():
-        raise InvalidParam("prompt", "must be a non-empty string")
+    if (not params.prompt or not params.prompt.strip()) and (params.edit is None or params.edit.image is None):
+        raise InvalidParam("prompt", "must be a non-empty string")  # variations of an image need none
     if len(params.prompt) > limits.max_prompt_chars:
         raise InvalidParam("prompt", f"must be at most {limits.max_prompt_chars} characters")
     if not 1 <= params.n <= limits.max_images:
@@ -153,6 +192,9 @@ def validate(params: GenerationParams, limits: Limits) -> GenerationParams:
         raise InvalidParam("deadline_ms", "must be positive")
     if params.edit is not None and not 0.0 < params.edit.strength <= 1.0:
         raise InvalidParam("strength", f"must be in (0, 1] (got {params.edit.strength})")
+    if params.stream is not None and not 0 <= params.stream.partial_images <= MAX_PARTIAL_IMAGES:
+        raise InvalidParam("partial_images", f"must be between 0 and {MAX_PARTIAL_IMAGES} "
+                           f"(got {params.stream.partial_images})")
     if params.output_format not in OUTPUT_FORMATS:
         raise InvalidParam("output_format", f"must be one of {', '.join(OUTPUT_FORMATS)}")
     return params

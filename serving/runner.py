@@ -55,6 +55,11 @@ class RequestState:
     step_index: int = 0
     #: How an edit runs (set by the edits extension; None for other requests).
     edit_path: EditPath | None = None
+    #: The last step's guided model output, and the clean latents (x0) its scheduler predicted
+    #: when its `step` returns them (DDIM, Euler, LCM; None for PNDM, DPM-Solver): references
+    #: set before `after_step`, for extensions that look at a request's progress (previews).
+    model_output: torch.Tensor | None = None
+    predicted_x0: torch.Tensor | None = None
 
     @property
     def guided(self) -> bool:
@@ -205,7 +210,9 @@ class ModelRunner:
                 pred = noise[offset : offset + n]
                 offset += n
             t = r.timesteps[r.step_index]
-            latents = r.scheduler.step(pred, t, r.latents, **r.step_kwargs, return_dict=False)[0]
+            out = r.scheduler.step(pred, t, r.latents, **r.step_kwargs, return_dict=False)
+            latents = out[0]
+            r.model_output, r.predicted_x0 = pred, (out[1] if len(out) > 1 else None)
             for ext in self.extensions:
                 latents = ext.after_step(r, latents)
             r.latents = latents

@@ -39,7 +39,7 @@ from pydantic import (
     WithJsonSchema,
 )
 
-from stepfleet.serving.params import OUTPUT_FORMATS, SCHEDULERS
+from stepfleet.serving.params import MAX_PARTIAL_IMAGES, OUTPUT_FORMATS, SCHEDULERS
 
 #: The most images one request may ask for on any worker: `n` takes `n` slots of a step's
 #: batch, and `WorkerSettings.max_batch` is at most 256 (tested).
@@ -166,6 +166,10 @@ _RESPONSE_FORMAT = Field("b64_json", description="images are returned inline, ba
 _OUTPUT_FORMAT = Field("png", description="image file format")
 _STRENGTH = Field(None, gt=0, le=1, description="how far from the template the edit may go, in (0, 1]")
 _IGNORED = "accepted for compatibility with OpenAI clients; does not change a diffusion model's output"
+#: Most input images an edit takes (OpenAI's limit).
+MAX_EDIT_IMAGES = 16
+Quality = Literal["low", "medium", "high", "xhigh", "max", "auto", "standard", "hd"]
+Background = Literal["transparent", "opaque", "auto"]
 
 
 class ImageRequestFields(BaseModel):
@@ -178,11 +182,17 @@ class ImageRequestFields(BaseModel):
     response_format: Literal["b64_json"] | None = _RESPONSE_FORMAT
     output_format: OutputFormat | None = _OUTPUT_FORMAT
     output_compression: int | None = _COMPRESSION
-    quality: Name | None = Field(None, description=_IGNORED)
-    background: Name | None = Field(None, description=_IGNORED)
-    user: Name | None = Field(None, description=_IGNORED)
-    stream: bool | None = Field(None, description="streaming is not supported; true is refused")
-    partial_images: int | None = Field(None, description=_IGNORED)
+    quality: Quality | None = Field(None, description=(
+        "step budget: low = half the worker's --default-steps, medium/auto/standard = them, high/hd = twice "
+        "(num_inference_steps, when given, wins)"))
+    background: Background | None = Field(None, description=(
+        "opaque or auto; transparent is refused (no served model draws an alpha channel)"))
+    user: Name | None = Field(None, description="accepted; not recorded")
+    safety_identifier: Name | None = Field(None, description="accepted; not recorded")
+    stream: bool | None = Field(None, description=(
+        "true: answer with Server-Sent Events (partial images, then the completed image); n must be 1"))
+    partial_images: int | None = Field(None, ge=0, le=MAX_PARTIAL_IMAGES, description=(
+        "previews streamed before the final image, 0-3, at evenly spaced steps (with stream: true)"))
     num_inference_steps: int | None = _STEPS
     guidance_scale: float | None = _GUIDANCE
     seed: int | None = _SEED
@@ -200,8 +210,9 @@ class ImageGenerationRequest(ImageRequestFields):
     prompt: Prompt = Field(description="what to draw")
     size: Size | None = Field("auto", description="'WxH' (multiples of 8, within the worker's "
                                                                 "--max-image-size) or 'auto' (the model's own)")
-    style: Name | None = Field(None, description=_IGNORED)
-    moderation: Name | None = Field(None, description=_IGNORED)
+    style: Literal["vivid", "natural"] | None = Field(None, description=_IGNORED)
+    moderation: Literal["low", "auto"] | None = Field(None, description=(
+        "accepted; no moderation hook is configured, so it changes nothing"))
     # SDXL micro-conditioning (families without it ignore these)
     original_size: WxH | None = Field(None, description=(
         "'WxH': the size the model is told the image was taken from (SDXL micro-conditioning; "
@@ -219,16 +230,43 @@ class ImageEditForm(ImageRequestFields):
 
     image: UploadFile | None = Field(None, description="PNG, JPEG or WebP; sides multiples of 8 (or send template_id)")
     image_list: list[UploadFile] | None = Field(
-        None, alias="image[]", max_length=1, description="the same as `image` (OpenAI clients' array form; one image)")
+        None, alias="image[]", max_length=MAX_EDIT_IMAGES, description=(
+            "images to edit (OpenAI clients' array form, up to 16): the first is edited (the mask applies to "
+            "it); the others must be readable images and are reference images this model family cannot use"))
     mask: UploadFile | None = Field(None, description=(
         "PNG of the image's size; fully transparent pixels (alpha 0) mark the area to edit "
         "(omitted: the whole image may change)"))
     prompt: Prompt = Field(description="what the edited area should show")
     template_id: Name | None = Field(None, description="a registered template to edit instead of an uploaded image")
     size: Size | None = Field(None, description="must be the image's size, or 'auto'")
-    input_fidelity: Name | None = Field(None, description=_IGNORED)
+    input_fidelity: Literal["high", "low"] | None = Field(None, description=(
+        "how closely to keep the input image when strength is not given: high = strength 0.6, low = 1.0"))
     #: Omitted generation settings default to the template's, so the edit takes the cached path.
     strength: float | None = _STRENGTH
+
+
+class ImageVariationForm(BaseModel):
+    """`POST /v1/images/variations` (multipart): variations of an image (image-to-image, no prompt)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    image: UploadFile = Field(description="PNG, JPEG or WebP; sides multiples of 8; the variations keep its size")
+    model: Name | None = Field(None, description="must name the served model when given")
+    n: int = _N
+    response_format: Literal["b64_json"] | None = _RESPONSE_FORMAT
+    size: Size | None = Field(None, description="must be the image's size, or 'auto'")
+    user: Name | None = Field(None, description="accepted; not recorded")
+    output_format: OutputFormat | None = _OUTPUT_FORMAT
+    output_compression: int | None = _COMPRESSION
+    strength: float | None = Field(None, gt=0, le=1, description=(
+        "how far a variation may go from the image, in (0, 1] (default 0.6)"))
+    prompt: Prompt | None = Field(None, description="optional text to steer the variations (default none)")
+    num_inference_steps: int | None = _STEPS
+    guidance_scale: float | None = _GUIDANCE
+    seed: int | None = _SEED
+    scheduler: Scheduler | None = _SCHEDULER
+    priority: Name | int | None = _PRIORITY
+    deadline_ms: float | None = _DEADLINE
 
 
 class TemplateForm(BaseModel):
@@ -264,11 +302,29 @@ class StepfleetInfo(BaseModel):
     template_id: str | None = None
 
 
+class InputTokensDetails(BaseModel):
+    image_tokens: int
+    text_tokens: int
+
+
+class Usage(BaseModel):
+    """Tokens, defined for diffusion (docs/openai-compat.md): output = latent tokens × steps × images;
+    input = prompt tokens + latent tokens of input images."""
+
+    input_tokens: int
+    input_tokens_details: InputTokensDetails
+    output_tokens: int
+    total_tokens: int
+
+
 class ImagesResponse(BaseModel):
     created: int
     data: list[ImageData]
+    background: Literal["opaque"]
     output_format: OutputFormat
+    quality: Literal["low", "medium", "high"]
     size: str
+    usage: Usage
     stepfleet: StepfleetInfo
 
 

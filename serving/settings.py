@@ -83,6 +83,11 @@ class WorkerSettings(BaseModel):
         default=2 * 1024**3, ge=0,
         description="host memory for template activations (edits); least recently used spill or go",
     )
+    edit_halo: int | None = Field(
+        default=None, ge=0, le=16,
+        description="tokens recomputed around an edit's mask at every attention resolution (default: "
+                    "1, or 4 on latents of 16 cells or fewer; see serving/edits/masks.py)",
+    )
     template_disk_bytes: int = Field(
         default=0, ge=0, description="disk (safetensors) for spilled template activations (0: no disk tier)"
     )

@@ -47,11 +47,12 @@ class QualityConfig:
     scheduler: str = "ddim"
     seed: int = 0
     gen_batch: int = 50
-    classifier_steps: int = 2400
+    classifier_steps: int = 6000
     real_test_samples: int = 2000
     edit_pairs: int = 8
     edit_ratios: tuple[float, ...] = (0.1, 0.25)
     edit_steps: int = 20
+    edit_halos: tuple[int | None, ...] = (None, 1, 2, 3)  # None: the worker's default
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -123,14 +124,14 @@ def generate(pipe: Any, triples: torch.Tensor, cfg: QualityConfig, log: Log) -> 
 
 
 # -- cached edits ------------------------------------------------------------------------------
-def edit_quality(cfg: QualityConfig, split: FashionSplit, log: Log) -> dict[str, Any]:
+def edit_quality(cfg: QualityConfig, split: FashionSplit, log: Log, halo: int | None) -> dict[str, Any]:
     from PIL import Image
 
     from stepfleet.serving.bench.edit_bench import Bench, EditBenchConfig, box_mask
     from stepfleet.serving.bench.edit_replay import masked_psnr, masked_ssim
 
     bench = Bench(EditBenchConfig(model=cfg.model, size=64, steps=cfg.edit_steps, guidance_scale=cfg.guidance_scale,
-                                  scheduler=cfg.scheduler, seed=cfg.seed), log)
+                                  scheduler=cfg.scheduler, seed=cfg.seed, halo=halo), log)
     g = torch.Generator().manual_seed(cfg.seed + 29)
     per_ratio: dict[str, dict[str, list[float]]] = {str(r): {"ssim": [], "psnr": []} for r in cfg.edit_ratios}
     unmasked = 0
@@ -154,7 +155,7 @@ def edit_quality(cfg: QualityConfig, split: FashionSplit, log: Log) -> dict[str,
                 per_ratio[str(ratio)]["psnr"].append(masked_psnr(got[0], ref[0], pm))
                 px = np.asarray(bench.runner.decode(r, output_type="pil").images[0]).astype(np.int16)
                 unmasked = max(unmasked, int(np.abs(px - base)[~pm].max()))
-            log(f"edit pair {pair + 1}/{cfg.edit_pairs}: " + ", ".join(
+            log(f"halo {halo}, edit pair {pair + 1}/{cfg.edit_pairs}: " + ", ".join(
                 f"{k}: SSIM {v['ssim'][-1]:.4f}" for k, v in per_ratio.items()))
     finally:
         bench.close()
@@ -205,15 +206,19 @@ def run(cfg: QualityConfig, log: Log) -> dict[str, Any]:
                       "real_vs_real_floor": round(frechet_distance(floor.numpy(), ref.numpy()), 3),
                       "samples": len(triples)}
     log(f"generated: {res['generated']}; Fréchet {res['frechet']}")
-    res["edits"] = edit_quality(cfg, test_split, log)
+    res["edits"] = {("default" if h is None else f"halo{h}"): edit_quality(cfg, test_split, log, h)
+                    for h in cfg.edit_halos}
     res["wall_s"] = round(time.monotonic() - began, 1)
     return res
 
 
 def summary(res: dict[str, Any]) -> str:
-    c, gen, fd, ed = res["classifier"]["real_test"], res["generated"], res["frechet"], res["edits"]
-    edits = "; ".join(f"mask {r}: SSIM {v['masked_ssim_mean']:.4f} (min {v['masked_ssim_min']:.4f}), "
-                      f"PSNR {v['masked_psnr_db_mean']} dB" for r, v in ed.items() if isinstance(v, dict))
+    c, gen, fd = res["classifier"]["real_test"], res["generated"], res["frechet"]
+    edits = "\n".join(
+        f"    {halo}: " + "; ".join(f"mask {r}: SSIM {v['masked_ssim_mean']:.4f} (min {v['masked_ssim_min']:.4f}), "
+                                  f"PSNR {v['masked_psnr_db_mean']} dB" for r, v in ed.items() if isinstance(v, dict))
+        + f"; outside the mask max |diff| {ed['unmasked_max_abs_diff']}"
+        for halo, ed in res["edits"].items())
     return "\n".join([
         f"quality of {res['config']['model']} ({gen['n']} generated images, {res['config']['steps']} steps, "
         f"guidance {res['config']['guidance_scale']}):",
@@ -223,7 +228,7 @@ def summary(res: dict[str, Any]) -> str:
         f"{gen['background']:.3f}, both colours {gen['colors']:.3f}",
         f"  Fréchet distance (classifier features): {fd['generated_vs_real']} (real-vs-real floor "
         f"{fd['real_vs_real_floor']})",
-        f"  cached edits vs full compute: {edits}; outside the mask max |diff| {ed['unmasked_max_abs_diff']}",
+        f"  cached edits vs full compute (masked SSIM/PSNR inside the mask, by halo):\n{edits}",
         f"  wall {res['wall_s']} s",
     ])
 
@@ -236,6 +241,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--per-class", type=int)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance-scale", type=float, default=5.0)
+    ap.add_argument("--classifier-steps", type=int, help=f"(default: {QualityConfig.classifier_steps})")
     args = ap.parse_args(argv)
     from stepfleet.serving.loading import quiet_libraries
     from stepfleet.training.fashion import DatasetMissing
@@ -248,6 +254,8 @@ def main(argv: list[str]) -> int:
                             classifier_steps=300, real_test_samples=500, edit_pairs=2)
     if args.per_class:
         cfg = QualityConfig(**{**asdict(cfg), "per_class": args.per_class})
+    if args.classifier_steps:
+        cfg = QualityConfig(**{**asdict(cfg), "classifier_steps": args.classifier_steps})
     log: Log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     try:
         res = run(cfg, log)

@@ -8,7 +8,7 @@ Deployments that mount it, Services before Deployments.
 
 from __future__ import annotations
 
-from stepfleet.operator.children import monitoring, nodepools, router, workers
+from stepfleet.operator.children import monitoring, network, nodepools, router, workers
 from stepfleet.operator.children.common import Manifest, Observed, Owner
 from stepfleet.operator.models import DiffusionServiceSpec
 
@@ -26,6 +26,8 @@ def build_all(owner: Owner, spec: DiffusionServiceSpec, observed: Observed) -> l
         out.append(workers.deployment(owner, spec, pool, observed))
     out += [router.service_account(owner), router.role(owner), router.role_binding(owner)]
     out.append(router.deployment(owner, spec))
+    if spec.security.network_policy:
+        out.append(network.workers_policy(owner, spec, observed.metrics_peers))
     if observed.servicemonitor_available:
         out.append(monitoring.servicemonitor(owner))
     return out

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stepfleet.operator import names
-from stepfleet.operator.models import Resources
+from stepfleet.operator.models import NetworkPeer, Resources
 
 Manifest = dict[str, Any]
 
@@ -44,6 +44,9 @@ class Observed:
     replicas: dict[str, int] = field(default_factory=dict)
     weights: dict[str, float] = field(default_factory=dict)
     servicemonitor_available: bool = False
+    #: Who scrapes the workers besides what the spec names: the operator itself (its control loop
+    #: reads `/metrics` and `/readyz` of pods), from `stepfleet operator --metrics-from`.
+    metrics_peers: tuple[NetworkPeer, ...] = ()
 
 
 def metadata(owner: Owner, name: str, labels: dict[str, str], *, namespaced: bool = True) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from stepfleet.operator import names
+from stepfleet.operator.children import secrets
 from stepfleet.operator.children.common import (
     CONTAINER_SECURITY,
     POD_SECURITY,
@@ -102,15 +103,30 @@ def configmap(owner: Owner, spec: DiffusionServiceSpec, observed: Observed) -> M
     }
 
 
+def _secret_files(spec: DiffusionServiceSpec) -> tuple[list[str], list[secrets.MountedSecret]]:
+    """The router's flags for its API keys file and worker token, and the Secrets they name."""
+    args: list[str] = []
+    mounted: list[secrets.MountedSecret] = []
+    keys, token = secrets.api_keys(spec.security), secrets.worker_token(spec.security)
+    if keys is not None:
+        args += ["--api-keys-file", keys.path]
+        mounted.append(keys)
+    if token is not None:
+        args += ["--worker-token-file", token.path]
+        mounted.append(token)
+    return args, mounted
+
+
 def deployment(owner: Owner, spec: DiffusionServiceSpec) -> Manifest:
     labels = names.router_labels(owner.name)
+    secret_args, mounted = _secret_files(spec)
     container: dict[str, Any] = {
         "name": "router",
         "image": spec.router.image or names.default_image("cpu"),
         "imagePullPolicy": "IfNotPresent",
         # A pod's command replaces the image's: listen on every interface, on the port the Service targets.
         "command": ["stepfleet", "router", "--config", f"{names.ROUTER_CONFIG_DIR}/{names.ROUTER_CONFIG_KEY}",
-                    "--host", "0.0.0.0", "--port", str(names.ROUTER_PORT)],
+                    "--host", "0.0.0.0", "--port", str(names.ROUTER_PORT), *secret_args],
         "ports": [{"name": "http", "containerPort": names.ROUTER_PORT, "protocol": "TCP"}],
         "resources": resources(spec.router.resources, _DEFAULT_RESOURCES),
         "readinessProbe": http_probe("/readyz", period=5, failures=3),
@@ -119,6 +135,7 @@ def deployment(owner: Owner, spec: DiffusionServiceSpec) -> Manifest:
         "volumeMounts": [
             {"name": "config", "mountPath": names.ROUTER_CONFIG_DIR, "readOnly": True},
             {"name": "tmp", "mountPath": "/tmp"},
+            *(m.mount for m in mounted),
         ],
     }
     return {
@@ -148,6 +165,7 @@ def deployment(owner: Owner, spec: DiffusionServiceSpec) -> Manifest:
                     "volumes": [
                         {"name": "config", "configMap": {"name": names.router(owner.name)}},
                         {"name": "tmp", "emptyDir": {}},
+                        *(m.volume for m in mounted),
                     ],
                 },
             },

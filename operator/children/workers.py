@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from stepfleet.operator import accelerators, names
+from stepfleet.operator.children import secrets
 from stepfleet.operator.children.common import (
     CONTAINER_SECURITY,
     POD_SECURITY,
@@ -82,6 +83,7 @@ def worker_settings(spec: DiffusionServiceSpec, pool: PoolSpec) -> WorkerSetting
     """What a pool's workers run with: the contract with the data plane, as one typed value."""
     source = parse_source(spec.model.source)
     assert not isinstance(source, str), "validated before building"
+    token = secrets.worker_token(spec.security)
     return WorkerSettings(
         model=_model_arg(source),
         # Revisions name Hub commits; a built-in or a directory on a claim has none (validation
@@ -96,6 +98,8 @@ def worker_settings(spec: DiffusionServiceSpec, pool: PoolSpec) -> WorkerSetting
         port=names.WORKER_PORT,
         max_batch=pool.max_batch or spec.serving.max_batch,
         template_cache_bytes=spec.serving.template_cache_bytes,
+        # The router's token (a mounted Secret): without it a worker answers 401 to the API.
+        worker_token_file=token.path if token is not None else None,
     )
 
 
@@ -131,6 +135,10 @@ def deployment(owner: Owner, spec: DiffusionServiceSpec, pool: PoolSpec, observe
         {"name": "tmp", "mountPath": "/tmp"},
         {"name": "cache", "mountPath": CACHE_MOUNT},
     ]
+    token = secrets.worker_token(spec.security)
+    if token is not None:
+        volumes.append(token.volume)
+        mounts.append(token.mount)
     if source.scheme == "pvc":
         volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": source.claim, "readOnly": True}})
         mounts.append({"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True})

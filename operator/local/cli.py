@@ -1,7 +1,9 @@
 """`stepfleet up`: run a router, worker processes per pool and the control loop on loopback.
 
 The loop ticks every `TICK_S`: it notices exited processes and workers that became ready,
-asks `supervise.reconcile` what to do and does it, and rewrites the router's config when the
+polls ready workers for signs of life (every `--liveness-poll-s`: one that answers
+`--hang-polls` polls in a row within `--liveness-timeout-s` is hung, the router's rule, and is
+killed and restarted), asks `supervise.reconcile` what to do and does it, and rewrites the router's config when the
 ready workers or the weights changed. Every `--interval-s` it scrapes the ready workers and
 runs `fleet.control_step` (the operator's `decide`); the plan's replicas become the workers
 wanted per pool and its weights the router's. SIGINT/SIGTERM stop the loop; then the
@@ -14,6 +16,7 @@ tests; `STATE_DIR/logs/` holds each process's output; `STATE_DIR/router.yaml` is
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as cf
 import json
 import signal
 import subprocess
@@ -28,7 +31,7 @@ from stepfleet.operator.loop import observe
 from stepfleet.serving.builtin_models import BUILTIN_MODELS
 from stepfleet.serving.settings import WorkerSettings
 
-from . import fleet, processes, supervise
+from . import fleet, liveness, processes, supervise
 
 #: Seconds between two supervision passes (exits, readiness, actions).
 TICK_S = 0.25
@@ -48,7 +51,8 @@ class LocalFleet:
     """Processes plus the pure loop's memory; `run(stop)` until `stop` is set, then `shutdown()`."""
 
     def __init__(self, pools: tuple[fleet.LocalPool, ...], settings: fleet.LocalSettings, *, model: str,
-                 host: str, port: int, state_dir: Path, worker_args: list[str], stop_timeout_s: float) -> None:
+                 host: str, port: int, state_dir: Path, worker_args: list[str], stop_timeout_s: float,
+                 hang_rule: liveness.HangRule = liveness.HangRule()) -> None:
         import httpx
 
         self.pools = pools
@@ -61,6 +65,12 @@ class LocalFleet:
         self.worker_args = worker_args
         self.stop_timeout_s = stop_timeout_s
         self.http = httpx.Client(timeout=1.0)
+        #: Liveness polls run side by side (a hung worker holds its poll for the whole timeout).
+        self.polls = httpx.Client(timeout=hang_rule.timeout_s)
+        self.hang_rule = hang_rule
+        self.next_poll = 0.0
+        #: Workers found hung and killed to be restarted, since the start (fleet.json `hungRestarts`).
+        self.hung_restarts = 0
         self.workers: dict[str, _Worker] = {}
         self.router: subprocess.Popen | None = None
         self.router_ready = False
@@ -103,7 +113,7 @@ class LocalFleet:
         proc = processes.spawn(args, cwd=self.state_dir, log_path=self.state_dir / "logs" / f"{action.name}.log",
                                env=env)
         view = supervise.WorkerView(name=action.name, pool=action.pool, phase="starting", started_s=now, url=url,
-                                    pid=proc.pid, restarts=action.restarts,
+                                    pid=proc.pid, restarts=action.restarts, hangs=action.hangs,
                                     unready_since_s=action.unready_since_s if action.unready_since_s is not None
                                     else now)
         self.workers[action.name] = _Worker(view, proc)
@@ -120,6 +130,13 @@ class LocalFleet:
                 if worker.proc is not None:
                     processes.ask_to_stop(worker.proc)
                 _say(action.reason)
+            elif isinstance(action, supervise.Kill):
+                worker = self.workers[action.name]
+                self._write_config()  # out of the router first (a hung worker is not routed to)
+                if worker.proc is not None and worker.proc.poll() is None:
+                    self.hung_restarts += 1
+                    _say(action.reason)
+                    processes.kill(worker.proc)
             elif isinstance(action, supervise.Forget):
                 self.workers.pop(action.name, None)
                 if "not restarting" in action.reason:
@@ -142,6 +159,23 @@ class LocalFleet:
             if worker.view.phase == "starting" and worker.view.url and processes.is_ready(self.http, worker.view.url):
                 worker.view = supervise.on_ready(worker.view)
                 _say(f"worker {worker.view.name} ready on {worker.view.url}")
+
+    def _poll_liveness(self) -> None:
+        """Poll every ready worker at once; record silences, say when one is found hung."""
+        ready = [w for w in self.workers.values()
+                 if w.view.phase == "ready" and not w.view.hung and w.view.url and w.proc is not None]
+        if not ready:
+            return
+        with cf.ThreadPoolExecutor(max_workers=len(ready)) as pool:
+            results = list(pool.map(
+                lambda w: processes.poll_alive(self.polls, w.view.url or "", self.hang_rule.timeout_s), ready))
+        for worker, result in zip(ready, results, strict=True):
+            if worker.proc is not None and worker.proc.poll() is not None:
+                continue  # exited meanwhile: a crash, not a hang
+            worker.view = supervise.on_poll(worker.view, result, self.hang_rule)  # type: ignore[arg-type]
+            if worker.view.hung:
+                _say(f"worker {worker.view.name} (pid {worker.view.pid}) answered none of {worker.view.silent_polls} "
+                     f"liveness polls within {self.hang_rule.timeout_s:g}s: hung")
 
     def _check_router(self) -> bool:
         """False when the router failed before it was ever ready (e.g. its port is taken)."""
@@ -190,12 +224,13 @@ class LocalFleet:
             "router": {"pid": self.router.pid if self.router else None, "ready": self.router_ready},
             "workers": [
                 {"name": w.view.name, "pool": w.view.pool, "phase": w.view.phase, "pid": w.view.pid,
-                 "url": w.view.url, "restarts": w.view.restarts}
+                 "url": w.view.url, "restarts": w.view.restarts, "hangs": w.view.hangs, "hung": w.view.hung}
                 for w in sorted(self.workers.values(), key=lambda w: w.view.name)
             ],
             "desired": self.desired,
             "weights": self.weights,
             "mode": self.memory.state.mode,
+            "hungRestarts": self.hung_restarts,
         }
         processes.write_atomically(self.state_dir / "fleet.json", json.dumps(state, indent=1) + "\n")
 
@@ -210,6 +245,9 @@ class LocalFleet:
             if not self._check_router():
                 return 1
             self._observe_processes(now)
+            if time.monotonic() >= self.next_poll:
+                self.next_poll = time.monotonic() + self.hang_rule.poll_every_s
+                self._poll_liveness()
             if stop.is_set():
                 break
             self._apply(supervise.reconcile(self.desired, [w.view for w in self.workers.values()], now), now)
@@ -232,6 +270,7 @@ class LocalFleet:
             _say(f"stopping {len(procs)} processes (up to {self.stop_timeout_s:.0f}s for requests in flight)")
         processes.stop_all(procs, self.stop_timeout_s)
         self.http.close()
+        self.polls.close()
         _say("stopped")
 
 
@@ -253,6 +292,12 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--interval-s", type=float, default=5.0, help="seconds between control-loop decisions")
     ap.add_argument("--ready-grace-s", type=float, default=120.0,
                     help="a worker not ready for this long marks its pool capacity-short")
+    ap.add_argument("--liveness-poll-s", type=float, default=1.0, help="seconds between liveness polls of a worker")
+    ap.add_argument("--liveness-timeout-s", type=float, default=2.0,
+                    help="a liveness poll (/readyz) unanswered this long is silent (the router's --load-poll-timeout-s)")
+    ap.add_argument("--hang-polls", type=int, default=2,
+                    help="silent polls in a row that make a ready worker hung: it is killed and restarted "
+                         "(the router's --hang-polls)")
     ap.add_argument("--stop-timeout-s", type=float, default=15.0, help="time to finish in-flight work on stop")
     ap.add_argument("--state-dir", default=None,
                     help="where router.yaml, fleet.json and logs/ go (default: a new temporary directory)")
@@ -279,6 +324,12 @@ def main(argv: list[str]) -> int:
         throughput_rps_per_worker=args.throughput_rps, slo_latency_s=args.slo_latency_s,
         ready_grace_s=args.ready_grace_s, mode=args.mode,
     )
+    try:
+        hang_rule = liveness.HangRule(poll_every_s=args.liveness_poll_s, timeout_s=args.liveness_timeout_s,
+                                      polls=args.hang_polls)
+    except ValueError as exc:
+        print(f"stepfleet up: {exc}", file=sys.stderr)
+        return 2
     state_dir = Path(args.state_dir) if args.state_dir else Path(tempfile.mkdtemp(prefix="stepfleet-up-"))
     state_dir = state_dir.resolve()
     (state_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -292,7 +343,7 @@ def main(argv: list[str]) -> int:
         stop.set()
 
     fleet_ = LocalFleet(pools, settings, model=args.model, host=args.host, port=port, state_dir=state_dir,
-                        worker_args=list(args.worker_arg), stop_timeout_s=args.stop_timeout_s)
+                        worker_args=list(args.worker_arg), stop_timeout_s=args.stop_timeout_s, hang_rule=hang_rule)
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     _say(f"pools {', '.join(f'{p.name} (${p.price_per_hour:g}/h)' for p in pools)}; model {args.model}; "
          f"state in {state_dir}")

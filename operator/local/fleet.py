@@ -147,7 +147,7 @@ def pool_observations(
     observed = []
     for pool in pools:
         mine = [w for w in workers if w.pool == pool.name]
-        ready = sum(1 for w in mine if w.phase == "ready")
+        ready = sum(1 for w in mine if w.phase == "ready" and not w.hung)
         want = int(desired.get(pool.name, 0))
         m = metrics.pools.get(pool.name) or PoolMetrics()
         observed.append(PoolObservation(
@@ -234,13 +234,14 @@ def router_config(
     weights: Mapping[str, float] | None,
     model: str | None = None,
 ) -> dict:
-    """`router.yaml` for the ready workers; pools without one are left out (nothing to route to).
+    """`router.yaml` for the ready workers (not those found hung); pools without one are left out.
 
     Without a plan yet (`weights` None) every pool weighs 1.
     """
     out_pools = []
     for pool in pools:
-        endpoints = sorted(w.url for w in workers if w.pool == pool.name and w.phase == "ready" and w.url)
+        endpoints = sorted(w.url for w in workers
+                           if w.pool == pool.name and w.phase == "ready" and not w.hung and w.url)
         if not endpoints:
             continue
         weight = 1.0 if weights is None else float(weights.get(pool.name, 0.0))

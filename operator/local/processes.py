@@ -90,6 +90,28 @@ def is_ready(http: httpx.Client, base_url: str) -> bool:
         return False
 
 
+def poll_alive(http: httpx.Client, base_url: str, timeout_s: float) -> str:
+    """One liveness poll (`liveness.PollResult`): any HTTP answer is "answered", a timeout
+    "silent" (a stopped process whose kernel still accepts the connection), no connection "refused"."""
+    try:
+        http.get(base_url + "/readyz", timeout=timeout_s)
+    except httpx.TimeoutException:
+        return "silent"
+    except httpx.HTTPError:
+        return "refused"
+    return "answered"
+
+
+def kill(proc: subprocess.Popen) -> None:
+    """SIGKILL (a stopped process acts on no other signal) and reap it."""
+    if proc.poll() is None:
+        try:
+            proc.kill()
+            proc.wait(timeout=10)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+
+
 def router_workers_ready(http: httpx.Client, base_url: str) -> int:
     """Workers the router itself counts as ready (0 when it does not answer)."""
     try:

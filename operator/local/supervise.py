@@ -15,6 +15,9 @@ Rules:
 - Excess workers are stopped, those not ready first, then the newest: a ready worker has
   paid its model load, a starting one has not yet.
 - Stopping workers count for nothing: they have left the router and are draining.
+- A ready worker that stops answering (`liveness`: the router's rule) is *hung*: it is taken
+  out of the router and killed with SIGKILL (a stopped process cannot act on SIGTERM), then
+  restarted like a crash; `hangs` counts how often, over the worker's life.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
+
+from .liveness import HangRule, PollResult, is_hung, silent_polls_after
 
 #: starting: process up, model loading; ready: `/readyz` answered 200; stopping: asked to stop
 #: (SIGTERM sent), draining; crashed: exited on its own; stopped: exited after a stop.
@@ -50,6 +55,12 @@ class WorkerView:
     restarts: int = 0
     #: Since when the worker has been meant to serve but not ready (None while ready).
     unready_since_s: float | None = None
+    #: Liveness polls in a row this process left unanswered (ready workers only).
+    silent_polls: int = 0
+    #: The current process was found hung (and is being killed).
+    hung: bool = False
+    #: Times this worker was found hung and restarted, over its whole life (never reset).
+    hangs: int = 0
 
     @property
     def live(self) -> bool:
@@ -66,6 +77,8 @@ class Start:
     restarts: int = 0
     #: Carried over from the crashed process, so "never becomes ready" spans restarts.
     unready_since_s: float | None = None
+    #: Carried over: times the worker was found hung.
+    hangs: int = 0
 
 
 @dataclass(frozen=True)
@@ -84,7 +97,15 @@ class Forget:
     reason: str
 
 
-Action = Start | Stop | Forget
+@dataclass(frozen=True)
+class Kill:
+    """A hung worker: out of the router, SIGKILL; its exit then counts as a crash (restarted)."""
+
+    name: str
+    reason: str
+
+
+Action = Start | Stop | Forget | Kill
 
 
 def restart_delay_s(restarts: int) -> float:
@@ -92,7 +113,9 @@ def restart_delay_s(restarts: int) -> float:
     return min(MAX_BACKOFF_S, FIRST_BACKOFF_S * 2.0 ** max(0, restarts))
 
 
-def _exit_text(code: int | None) -> str:
+def _exit_text(code: int | None, hung: bool = False) -> str:
+    if hung:
+        return "was hung (answered no liveness poll) and was killed"
     if code is None:
         return "exited"
     if code < 0:
@@ -129,18 +152,22 @@ def reconcile(desired: Mapping[str, int], workers: Sequence[WorkerView], now_s: 
         for w in mine:
             if w.phase == "stopped":
                 actions.append(Forget(w.name, f"worker {w.name} stopped"))
+            elif w.live and w.hung:
+                # It keeps its place: killed now, restarted under its name once it has exited.
+                actions.append(Kill(w.name, f"worker {w.name} answered no liveness poll {w.silent_polls} times in "
+                                            f"a row: hung; killing it to restart it (hang {w.hangs})"))
         holding = 0  # crashed workers kept (restarting now or after their backoff)
         for w in crashed:
             if len(live) + holding >= want:
-                actions.append(Forget(w.name, f"worker {w.name} {_exit_text(w.exit_code)}; pool {pool} "
+                actions.append(Forget(w.name, f"worker {w.name} {_exit_text(w.exit_code, w.hung)}; pool {pool} "
                                               f"needs {want}, not restarting"))
                 continue
             holding += 1
             delay = restart_delay_s(w.restarts)
             if w.exited_s is None or now_s >= w.exited_s + delay:
-                actions.append(Start(pool, w.name, restarts=w.restarts + 1,
+                actions.append(Start(pool, w.name, restarts=w.restarts + 1, hangs=w.hangs,
                                      unready_since_s=w.unready_since_s if w.unready_since_s is not None else now_s,
-                                     reason=f"worker {w.name} {_exit_text(w.exit_code)}; restarting "
+                                     reason=f"worker {w.name} {_exit_text(w.exit_code, w.hung)}; restarting "
                                             f"(restart {w.restarts + 1})"))
         missing = want - len(live) - holding
         if missing > 0:
@@ -154,6 +181,18 @@ def reconcile(desired: Mapping[str, int], workers: Sequence[WorkerView], now_s: 
             for w in order[: -missing]:
                 actions.append(Stop(w.name, f"pool {pool}: {len(live)} workers, plan wants {want}; stopping {w.name}"))
     return tuple(actions)
+
+
+def on_poll(worker: WorkerView, result: PollResult, rule: HangRule) -> WorkerView:
+    """The worker's record after a liveness poll; a ready worker silent `rule.polls` times is hung.
+
+    The first time it is found hung, `hangs` counts it (the kill and the restart follow)."""
+    if worker.phase != "ready" or worker.hung:
+        return worker
+    silent = silent_polls_after(worker.silent_polls, result)
+    if is_hung(silent, rule):
+        return replace(worker, silent_polls=silent, hung=True, hangs=worker.hangs + 1)
+    return replace(worker, silent_polls=silent)
 
 
 def on_exit(worker: WorkerView, exit_code: int | None, now_s: float) -> WorkerView:

@@ -51,7 +51,14 @@ def apply_plan(
     plan: Plan,
     deployments: Mapping[str, Mapping[str, Any] | None],
 ) -> list[str]:
-    """Write what the plan changes; returns what was changed. Raises kube.ApiError, ChildConflict."""
+    """Write what the plan changes; returns what was changed. Raises kube.ApiError, ChildConflict.
+
+    The plan was made from `spec` and `deployments` as read at the start of the run; the
+    reconcile may have applied a newer spec since (pruned a pool, changed the pod template).
+    So the loop never creates a child (that is the reconcile's), and patches a Deployment
+    only if its spec is still the generation it read: otherwise 409, and the next run decides
+    again on fresh reads instead of rolling the pool back to the old spec.
+    """
     observed = Observed(replicas=plan.replicas, weights=weights(plan))
     changes: list[str] = []
     for pool in spec.pools:
@@ -60,10 +67,13 @@ def apply_plan(
             continue  # not created yet: the reconcile builds it
         want = plan.replicas[pool.name]
         if int((live.get("spec") or {}).get("replicas") or 0) != want:
-            applying.apply(client, workers.deployment(owner, spec, pool, observed))
-            changes.append(f"{pool.name} replicas {want}")
-    action, _ = applying.apply(client, router.configmap(owner, spec, observed))
-    if action != "none":
+            action, _ = applying.apply(client, workers.deployment(owner, spec, pool, observed), create=False,
+                                       expect_generation=(live.get("metadata") or {}).get("generation"))
+            if action != "absent":
+                changes.append(f"{pool.name} replicas {want}")
+    _same_pools_as_router(client, owner, spec)
+    action, _ = applying.apply(client, router.configmap(owner, spec, observed), create=False)
+    if action not in ("none", "absent"):
         changes.append("router weights " + ", ".join(f"{k} {v:.2f}" for k, v in observed.weights.items()))
     for pool in spec.pools:
         if pool.node_pool is None:
@@ -77,10 +87,27 @@ def apply_plan(
             continue
         manifest = nodepools.nodepool(owner, pool)
         manifest["spec"]["limits"] = limits
-        action, _ = applying.apply(client, manifest)
-        if action != "none":
+        action, _ = applying.apply(client, manifest, create=False,
+                                   expect_generation=(live_np.get("metadata") or {}).get("generation"))
+        if action not in ("none", "absent"):
             changes.append(f"NodePool {name} limits {limits}")
     return changes
+
+
+def _same_pools_as_router(client: kube.Client, owner: Owner, spec: DiffusionServiceSpec) -> None:
+    """409 when the router's config lists other pools than the loop's spec: the reconcile has
+    applied a newer spec, and stale weights would drop a new pool's traffic until next run."""
+    live = client.get(kube.CONFIGMAP, owner.namespace, names.router(owner.name))
+    if live is None:
+        return
+    try:
+        listed = {p["name"] for p in router.parse_config((live.get("data") or {}).get(names.ROUTER_CONFIG_KEY, ""))
+                  .get("pools", [])}
+    except (ValueError, KeyError, TypeError):
+        return  # unreadable: the loop's own config replaces it
+    if listed != {p.name for p in spec.pools}:
+        raise kube.ApiError(409, "Conflict", f"the router config lists pools {sorted(listed)}, the loop's spec "
+                                             f"{sorted(p.name for p in spec.pools)}: the spec changed meanwhile")
 
 
 # --- status -----------------------------------------------------------------------------------

@@ -222,6 +222,10 @@ def run_once(
             _post(client, event)
         changes = act.apply_plan(client, owner, spec, plan, cluster.deployments)
     except (kube.ApiError, applying.ChildConflict) as exc:
+        memory.step = step
+        if isinstance(exc, kube.ApiError) and exc.status == 409:
+            # A child (or the spec) changed since this run read it: a requeue, not a failure.
+            return Outcome(decided=True, plan=plan, note=f"children changed meanwhile, acting next run: {exc}")
         message = f"acting on the plan failed: {exc}"
         _report_failure(client, body, {**status, **new_status}, cond.REASON_ACTION_FAILED, message, now)
         memory.step = step

@@ -67,6 +67,7 @@ class EditBenchConfig:
     replay_requests: int = 2000
     trace_seed: int = 11
     cache_bytes: int = 8 << 30
+    halo: int | None = None  # None: the worker's default (`edits.masks.default_halo`)
 
 
 def box_mask(size: int, ratio: float, rng: random.Random | None = None) -> torch.Tensor:
@@ -111,7 +112,7 @@ class Bench:
         self.model = load_model(cfg.model, device="cpu")
         self.cache = TemplateCache(max_bytes=cfg.cache_bytes)
         backbone = load_backbone(self.model)
-        self.edits = EditExtension(backbone, self.cache)
+        self.edits = EditExtension(backbone, self.cache, halo=cfg.halo)
         self.runner = ModelRunner(backbone, extensions=[self.edits])
         pipe = self.model.pipeline
         self.inpaint = StableDiffusionInpaintPipeline(**pipe.components)

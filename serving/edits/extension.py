@@ -41,7 +41,7 @@ from stepfleet.serving.backbones.base import Backbone
 from stepfleet.serving.contracts import EditPath
 from stepfleet.serving.edits.cache import TemplateCache
 from stepfleet.serving.edits.masked_unet import EditRow, MaskedUNet, RecordRow, Row, expand_rows
-from stepfleet.serving.edits.masks import TokenMasks, composite, latent_mask
+from stepfleet.serving.edits.masks import TokenMasks, composite, default_halo, latent_mask
 from stepfleet.serving.edits.templates import Template, TemplateKey, TemplateRegistry, TemplateState
 from stepfleet.serving.params import EditSpec, GenerationParams
 from stepfleet.serving.schedulers import make_scheduler
@@ -89,11 +89,15 @@ def template_key(params: GenerationParams, seed: int, spec: EditSpec) -> Templat
 class EditExtension:
     """Edits and template recordings for a backbone whose denoiser supports masked compute."""
 
-    def __init__(self, backbone: Backbone, cache: TemplateCache, templates: TemplateRegistry | None = None) -> None:
+    def __init__(self, backbone: Backbone, cache: TemplateCache, templates: TemplateRegistry | None = None,
+                 halo: int | None = None) -> None:
+        """`halo`: tokens recomputed around an edit at every attention resolution (`masks`);
+        None picks `masks.default_halo` for each edit's latent size."""
         if not backbone.capabilities.masked_compute:
             raise NotImplementedError(f"family {backbone.family!r} has no masked compute for edits")
         self.backbone = backbone
         self.cache = cache
+        self.halo = halo
         self.templates = templates or TemplateRegistry()
         self.masked = MaskedUNet(backbone.denoiser, cache)  # raises NotImplementedError on unknown blocks
         self._states: weakref.WeakKeyDictionary[RequestState, EditState] = weakref.WeakKeyDictionary()
@@ -178,7 +182,8 @@ class EditExtension:
         state.latents = torch.where(edit.latent_mask, init, noised[0])
         if same and spec.use_cache and self.template_cached(template):
             edit.kind, edit.template_id, edit.template_rows = EditKind.CACHED, template.id, template.template_rows
-            edit.token_masks = TokenMasks.from_latent(lm)
+            halo = self.halo if self.halo is not None else default_halo(*lm.shape)
+            edit.token_masks = TokenMasks.from_latent(lm, halo)
         state.edit_path = EditPath.CACHED if edit.kind is EditKind.CACHED else EditPath.FULL
         self._states[state] = edit
 

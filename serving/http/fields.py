@@ -19,9 +19,16 @@ def check_model(model: str | None, settings: WorkerSettings) -> None:
                        code="model_not_found")
 
 
-def check_no_stream(stream: bool | None) -> None:
-    if stream:
-        raise InvalidParam("stream", "streaming is not supported", code="unsupported_value")
+def check_stream(stream: bool | None, n: int, available: bool) -> None:
+    """`stream: true` takes one image (OpenAI's events carry no image index) and a worker whose
+    runner renders previews (every model-backed worker; test runners may not)."""
+    if not stream:
+        return
+    if n != 1:
+        raise InvalidParam("n", f"stream: true makes one image per request (got n={n}); send n=1",
+                           code="unsupported_value")
+    if not available:
+        raise InvalidParam("stream", "this worker cannot stream partial images", code="unsupported_value")
 
 
 def check_image_size(size: str | None, image_size: tuple[int, int], limits: Limits) -> None:

@@ -20,6 +20,12 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     429: {"model": ErrorResponse, "description": "the queue is full; retry after `Retry-After` seconds"},
     503: {"model": ErrorResponse, "description": "not ready (loading, or failed to load), or shutting down"},
 }
+#: Routes that stream with `stream: true`: the 200 may be Server-Sent Events.
+STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {"description": "the images (JSON), or with `stream: true` Server-Sent Events: partial images, then "
+                         "the completed image (OpenAI's `image_generation.*` / `image_edit.*` events)",
+          "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+}
 #: Routes of templates and edits, which need a model that can do masked compute.
 EDIT_ERRORS: dict[int | str, dict[str, Any]] = {
     501: {"model": ErrorResponse, "description": "this worker's model does not support edits"},

@@ -61,10 +61,17 @@ class WorkerState:
         return cls(settings=settings, metrics=WorkerMetrics(pool=settings.pool),
                    limits=worker_limits(settings, max_batch))
 
+    #: Whether `stream: true` can be served: the runner renders partial images (`serving.previews`).
+    streaming: bool = False
+
     def use(self, engine: Engine, templates: TemplateService | None, default_size: tuple[int, int]) -> None:
-        """Serve with `engine` (the metrics observe it) once `mark_ready` is called."""
+        """Serve with `engine` (the metrics observe it) once `mark_ready` is called; its runner gets
+        the previews extension that streamed requests need."""
+        from stepfleet.serving.previews import install
+
         engine.observer = self.metrics
         self.engine, self.templates, self.default_size = engine, templates, default_size
+        self.streaming = install(engine.runner) is not None
 
     def mark_ready(self) -> None:
         self.metrics.ready.labels(self.settings.pool).set(1)

@@ -15,6 +15,10 @@ key, and, for a new template, the id it chose (`serving.worker_auth`); a request
 `deadline_ms` bounds its attempts (504 past it, `forwarding`); template lookups and listings
 ask every worker (`templates`).
 
+Streamed requests (`stream: true` on generations and edits) are relayed as they arrive, never
+buffered (`StreamedResponse`, shared with the worker): when the client leaves, the worker's
+connection is closed and the worker cancels the request at its next step.
+
 Its `/openapi.json` documents the request bodies with the workers' own models
 (`serving.schemas`), declared through `openapi_extra` rather than as parameters: FastAPI
 would otherwise read and parse every body before the handler, ahead of the API-key check and
@@ -46,7 +50,14 @@ from stepfleet.serving.errors import (
     install_error_handlers,
     validation_error,
 )
-from stepfleet.serving.http.openapi import DEADLINE_ERRORS, EDIT_ERRORS, ERRORS, LOOKUP_ERRORS
+from stepfleet.serving.http.openapi import (
+    DEADLINE_ERRORS,
+    EDIT_ERRORS,
+    ERRORS,
+    LOOKUP_ERRORS,
+    STREAM_RESPONSE,
+)
+from stepfleet.serving.http.streams import StreamedResponse
 from stepfleet.serving.jsonbody import parse_object, read_bounded
 from stepfleet.serving.middleware import RequestIdMiddleware
 from stepfleet.serving.router import costing
@@ -78,6 +89,7 @@ from stepfleet.serving.schemas import (
     ImageEditForm,
     ImageGenerationRequest,
     ImagesResponse,
+    ImageVariationForm,
     TemplateDeleted,
     TemplateForm,
     TemplateList,
@@ -97,6 +109,8 @@ TEMPLATE_MISS_UNITS = 1000.0
 LOOKUP_TIMEOUT_S = 10.0
 #: Form bodies, as the workers read them (`serving.http.uploads`).
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+#: Form values pydantic reads as true (how a worker reads `stream` from a form).
+FORM_TRUE = frozenset({"1", "true", "t", "yes", "y", "on"})
 
 
 def documented_body(model: type[BaseModel], media_type: str) -> dict[str, Any]:
@@ -114,6 +128,8 @@ class Plan:
     deadline_ms: float | None = None
     #: Headers only the router sends (a new template's id).
     headers: tuple[tuple[str, str], ...] = ()
+    #: `stream: true`: the answer is relayed as it arrives.
+    stream: bool = False
 
 
 def upstream_target(request: Request) -> str:
@@ -324,16 +340,25 @@ def create_app(config: RouterConfig, settings: RouterSettings | None = None, *, 
             assert router.forwarder is not None
             reply = await _unless_client_leaves(request, router.forwarder.forward(
                 request.method, upstream_target(request), "", request.headers.items(), body, plan.cost,
-                rid, route, deadline, router.headers_for(tenant) + list(plan.headers)))
+                rid, route, deadline, router.headers_for(tenant) + list(plan.headers), stream=plan.stream))
             pool, status = reply.pool, reply.status
+            extra = [("x-stepfleet-pool", pool), ("x-stepfleet-attempts", str(reply.attempts))]
+            if reply.stream is not None:
+                release = reply.release
+
+                async def on_close() -> None:
+                    if release is not None:
+                        release()
+
+                return StreamedResponse(reply.stream, status_code=reply.status, headers=reply.headers + extra,
+                                        on_close=on_close)
             if route == "templates" and request.method == "POST" and 200 <= status < 300:
                 template_id = registered_id(reply)
                 if template_id:
                     router.homes.record(template_id, reply.url)
             response = Response(reply.content, status_code=reply.status)
             response.raw_headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers]
-            response.raw_headers += [(b"x-stepfleet-pool", pool.encode()),
-                                     (b"x-stepfleet-attempts", str(reply.attempts).encode())]
+            response.raw_headers += [(k.encode(), v.encode()) for k, v in extra]
             return response
         except APIError as exc:
             status = exc.status
@@ -396,7 +421,8 @@ def create_app(config: RouterConfig, settings: RouterSettings | None = None, *, 
         """The router's view of pools, weights and workers (for people and tests; no secrets)."""
         return router.fleet.snapshot(router.clock())
 
-    @app.post("/v1/images/generations", responses=ERRORS | DEADLINE_ERRORS | {200: {"model": ImagesResponse}},
+    @app.post("/v1/images/generations",
+              responses=ERRORS | DEADLINE_ERRORS | {200: {"model": ImagesResponse, **STREAM_RESPONSE[200]}},
               openapi_extra=documented_body(ImageGenerationRequest, "application/json"))
     async def generations(request: Request) -> Response:
         async def plan_of(body: bytes) -> Plan:
@@ -406,7 +432,7 @@ def create_app(config: RouterConfig, settings: RouterSettings | None = None, *, 
             except ValidationError as exc:
                 raise validation_error(exc.errors()) from None
             return Plan(costing.generation_cost(data, settings.default_steps, settings.default_size),
-                        valid.deadline_ms)
+                        valid.deadline_ms, stream=bool(valid.stream))
 
         return await proxied(request, "generations", plan_of,
                              body_limit=min(settings.max_json_bytes, settings.max_body_bytes))
@@ -429,7 +455,8 @@ def create_app(config: RouterConfig, settings: RouterSettings | None = None, *, 
             raise validation_error(exc.errors()) from None
         return fields
 
-    @app.post("/v1/images/edits", responses=ERRORS | EDIT_ERRORS | DEADLINE_ERRORS | {200: {"model": ImagesResponse}},
+    @app.post("/v1/images/edits", responses=ERRORS | EDIT_ERRORS | DEADLINE_ERRORS
+              | {200: {"model": ImagesResponse, **STREAM_RESPONSE[200]}},
               openapi_extra=documented_body(ImageEditForm, "multipart/form-data"))
     async def edits(request: Request) -> Response:
         async def plan_of(_: bytes) -> Plan:
@@ -450,9 +477,26 @@ def create_app(config: RouterConfig, settings: RouterSettings | None = None, *, 
             if cost.template_id:
                 cost = dataclasses.replace(cost, home=router.homes.get(cost.template_id),
                                            uncached_units=max(cost.uncached_units, TEMPLATE_MISS_UNITS))
-            return Plan(cost, float(deadline) if deadline else None)
+            return Plan(cost, float(deadline) if deadline else None,
+                        stream=str(texts.get("stream", "")).strip().lower() in FORM_TRUE)
 
         return await proxied(request, "edits", plan_of)
+
+    @app.post("/v1/images/variations", responses=ERRORS | EDIT_ERRORS | DEADLINE_ERRORS
+              | {200: {"model": ImagesResponse}},
+              openapi_extra=documented_body(ImageVariationForm, "multipart/form-data"))
+    async def variations(request: Request) -> Response:
+        async def plan_of(_: bytes) -> Plan:
+            fields = await checked_form(request, ImageVariationForm, "image variations")
+            texts = {k: v for k, v in fields.items() if isinstance(v, str)}
+            for value in fields.values():
+                if hasattr(value, "close"):
+                    await value.close()
+            deadline = texts.get("deadline_ms")
+            cost = costing.edit_cost(texts, None, settings.default_steps, settings.default_size)
+            return Plan(cost, float(deadline) if deadline else None)
+
+        return await proxied(request, "variations", plan_of)
 
     @app.post("/v1/templates", responses=ERRORS | LOOKUP_ERRORS | {200: {"model": TemplateObject}},
               openapi_extra=documented_body(TemplateForm, "multipart/form-data"))

@@ -17,6 +17,12 @@ A request's `deadline_ms` bounds each attempt and the walk: past it the client g
 poller marks unresponsive (hung) is given up and retried elsewhere (`health`). The in-flight
 slot an attempt takes is given back however the attempt ends, the client leaving included.
 
+A streamed request (`stream: true`) walks the same way until a worker answers 2xx: from then
+on its body is relayed as it arrives (`UpstreamReply.stream`), and the attempt's in-flight
+slot is held until the stream ends or the client leaves (`UpstreamReply.release`, which also
+closes the worker's connection, so the worker cancels the request at its next step). Nothing
+is retried after the first byte of a stream went to the client.
+
 Workers report their backlog on every response (`X-Stepfleet-Backlog-Seconds`), so the
 router's load view is refreshed as a side effect of forwarding.
 """
@@ -28,7 +34,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from stepfleet.serving.errors import APIError
@@ -46,6 +52,7 @@ from stepfleet.serving.router.state import FleetState
 from stepfleet.serving.router.upstream import (
     ConnectFailed,
     Reply,
+    StreamedReply,
     UpstreamClient,
     UpstreamError,
     UpstreamTimeout,
@@ -78,6 +85,10 @@ class UpstreamReply:
     pool: str
     url: str
     attempts: int
+    #: A streamed 2xx: the body as it arrives (content is then empty) ...
+    stream: AsyncIterator[bytes] | None = None
+    #: ... and what ends it (closes the connection, gives the worker's slot back); idempotent.
+    release: Callable[[], None] | None = None
 
 
 def make_client(settings: RouterSettings) -> UpstreamClient:
@@ -119,7 +130,7 @@ class Forwarder:
 
     async def forward(self, method: str, path: str, query: str, headers: list[tuple[str, str]], body: bytes,
                       cost: RequestCost, request_id: str, route: str, deadline: float | None = None,
-                      extra_headers: Sequence[tuple[str, str]] = ()) -> UpstreamReply:
+                      extra_headers: Sequence[tuple[str, str]] = (), stream: bool = False) -> UpstreamReply:
         """Forward with failover; raise `APIError` (429/503, 504 past `deadline`) when no worker answered.
 
         `deadline` (the router's clock) bounds every attempt and the retries; `extra_headers`
@@ -147,9 +158,12 @@ class Forwarder:
             ahead = ep.dispatched(units)
             started = self.clock()
             # The slot taken by `dispatched` is given back on every way out: an answer, a
-            # failure, the client leaving (cancellation), a bug (issue 19: leaks locked the router).
+            # failure, the client leaving (cancellation), a bug (issue 19: leaks locked the router);
+            # a stream's, when the stream ends (`release`).
+            handed_over = False
             try:
-                resp = await self._attempt(ep, method, target_path, send_headers, body, timeout_s)
+                resp = await self._attempt(ep, method, target_path, send_headers, body, timeout_s, stream)
+                handed_over = isinstance(resp, StreamedReply) and resp.chunks is not None
             except UpstreamError as exc:
                 attempts.failures += 1
                 reason = type(exc).__name__
@@ -162,7 +176,8 @@ class Forwarder:
                 self.metrics.retries.labels(target.pool, reason).inc()
                 continue
             finally:
-                ep.finished(units)
+                if not handed_over:
+                    ep.finished(units)
             end = self.clock()
             elapsed = end - started
             ep.answered()
@@ -187,12 +202,16 @@ class Forwarder:
                 log.warning("%s [%s]", last_error, request_id)
                 self.metrics.retries.labels(target.pool, str(status)).inc()
                 continue
+            out = [(k, v) for k, v in resp.headers if k not in _DROP_RESPONSE]
+            if isinstance(resp, StreamedReply) and resp.chunks is not None:
+                chunks, release = self._relay(resp, ep, units, ahead, started, predicted, target.pool)
+                return UpstreamReply(status, out, b"", target.pool, ep.url, len(attempts.tried_pools),
+                                     stream=chunks, release=release)
             if 200 <= status < 300 and cost.kind != "other":
                 # What actually ran here: cached cost on the template's home, full cost elsewhere.
                 ep.learn(ahead, units, elapsed)
                 if predicted > 0:
                     self.metrics.prediction_error.labels(target.pool).observe(elapsed / predicted)
-            out = [(k, v) for k, v in resp.headers if k not in _DROP_RESPONSE]
             return UpstreamReply(status, out, resp.content, target.pool, ep.url, len(attempts.tried_pools))
         if deadline is not None and self.clock() >= deadline:
             raise APIError(504, f"deadline_ms passed before a worker answered ({last_error})",
@@ -200,11 +219,48 @@ class Forwarder:
         self._raise_unavailable(attempts, last_error)
         raise AssertionError("unreachable")
 
+    def _relay(self, resp: StreamedReply, ep: EndpointLoad, units: float, ahead: float, started: float,
+               predicted: float, pool: str) -> tuple[AsyncIterator[bytes], Callable[[], None]]:
+        """A stream's body, and its release: close the connection and give the slot back, once;
+        a stream read to its end teaches the worker's speed like any answer."""
+        released = False
+        completed = False
+
+        def release() -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
+            resp.close()
+            ep.finished(units)
+            if completed:
+                elapsed = self.clock() - started
+                ep.learn(ahead, units, elapsed)
+                if predicted > 0:
+                    self.metrics.prediction_error.labels(pool).observe(elapsed / predicted)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            nonlocal completed
+            assert resp.chunks is not None
+            try:
+                async for chunk in resp.chunks:
+                    yield chunk
+                completed = True
+            finally:
+                release()
+
+        return chunks(), release
+
     async def _attempt(self, ep: EndpointLoad, method: str, target: str, headers: list[tuple[str, str]],
-                       body: bytes, timeout_s: float) -> Reply:
+                       body: bytes, timeout_s: float, stream: bool = False) -> Reply | StreamedReply:
         """One exchange with `ep`, given up (`UpstreamTimeout`) if the worker is marked
-        unresponsive meanwhile (`health`): its request is then retried elsewhere."""
-        work = self.client.request(method, ep.url + target, headers, body, timeout_s=timeout_s)
+        unresponsive meanwhile (`health`): its request is then retried elsewhere. A stream's
+        exchange ends with the response head (`UpstreamClient.stream`)."""
+        if stream:
+            work = self.client.stream(method, ep.url + target, headers, body, timeout_s=timeout_s,
+                                      idle_s=self.settings.upstream_timeout_s)
+        else:
+            work = self.client.request(method, ep.url + target, headers, body, timeout_s=timeout_s)
         if self.health is None:
             return await work
         abandoned = self.health.abandoned(ep.url)

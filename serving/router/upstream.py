@@ -18,8 +18,10 @@ A reused idle connection that the worker had already closed is retried once on a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from urllib.parse import quote, urlsplit
 
 import httpx
@@ -57,6 +59,24 @@ class Reply:
     content: bytes
 
 
+@dataclass
+class StreamedReply:
+    """A response whose body is read as it arrives (`UpstreamClient.stream`): a 2xx keeps its
+    connection open and yields `chunks`; any other status is read whole into `content`."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    content: bytes = b""
+    chunks: AsyncIterator[bytes] | None = None
+    _writer: asyncio.StreamWriter | None = field(default=None, repr=False)
+
+    def close(self) -> None:
+        """Close the connection (the worker sees its client leave); idempotent."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
 _Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
@@ -76,11 +96,8 @@ class UpstreamClient:
         path = request_target(parts.path or "/", parts.query)
         return parts.scheme, host, port, path
 
-    async def request(self, method: str, url: str, headers: list[tuple[str, str]], body: bytes = b"",
-                      timeout_s: float | None = None) -> Reply:
-        scheme, host, port, path = self._target(url)
-        if scheme == "https":
-            return await self._via_httpx(method, url, headers, body, timeout_s)
+    @staticmethod
+    def _raw(method: str, host: str, port: int, path: str, headers: list[tuple[str, str]], body: bytes) -> bytes:
         netloc = host if port == 80 else f"{host}:{port}"
         if ":" in host:  # IPv6 literal
             netloc = f"[{host}]" if port == 80 else f"[{host}]:{port}"
@@ -88,7 +105,55 @@ class UpstreamClient:
         if body or method in ("POST", "PUT", "PATCH"):
             lines.append(f"content-length: {len(body)}")
         lines += [f"{k}: {v}" for k, v in headers]
-        raw = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+    async def stream(self, method: str, url: str, headers: list[tuple[str, str]], body: bytes = b"",
+                     timeout_s: float | None = None, idle_s: float | None = None) -> StreamedReply:
+        """Send the request on a fresh connection and return once the response head arrived
+        (within `timeout_s`); a 2xx body then streams chunk by chunk (each within `idle_s`) as the
+        worker writes it. The caller closes the reply (or reads it to the end)."""
+        scheme, host, port, path = self._target(url)
+        if scheme == "https":
+            whole = await self._via_httpx(method, url, headers, body, timeout_s)
+            return StreamedReply(whole.status, whole.headers, whole.content)
+        raw = self._raw(method, host, port, path, headers, body)
+        try:
+            async with asyncio.timeout(timeout_s or self.timeout_s):
+                reader, writer = await self._connect(host, port)
+                try:
+                    writer.write(raw)
+                    while True:
+                        status, heads, _ = _parse_head(await reader.readuntil(b"\r\n\r\n"))
+                        if status >= 200:
+                            break
+                    if not 200 <= status < 300:
+                        content, _ = await _read_body(reader, method, status, heads)
+                        writer.close()
+                        return StreamedReply(status, heads, content)
+                except asyncio.IncompleteReadError:
+                    writer.close()
+                    raise UpstreamBroken("connection closed mid-response") from None
+                except (ConnectionError, OSError) as exc:
+                    writer.close()
+                    raise UpstreamBroken(f"{type(exc).__name__}: {exc}") from None
+                except (ValueError, asyncio.LimitOverrunError) as exc:
+                    writer.close()
+                    raise UpstreamBroken(f"malformed response: {exc}") from None
+                except BaseException:
+                    writer.close()
+                    raise
+        except TimeoutError:
+            raise UpstreamTimeout(f"no answer from {host}:{port} in time") from None
+        reply = StreamedReply(status, heads, _writer=writer)
+        reply.chunks = _iter_body(reader, reply, heads, idle_s or self.timeout_s)
+        return reply
+
+    async def request(self, method: str, url: str, headers: list[tuple[str, str]], body: bytes = b"",
+                      timeout_s: float | None = None) -> Reply:
+        scheme, host, port, path = self._target(url)
+        if scheme == "https":
+            return await self._via_httpx(method, url, headers, body, timeout_s)
+        raw = self._raw(method, host, port, path, headers, body)
         try:
             async with asyncio.timeout(timeout_s or self.timeout_s):
                 conn = self._take_idle(host, port)
@@ -221,6 +286,42 @@ def _parse_head(head: bytes) -> tuple[int, list[tuple[str, str]], bool]:
                 raise ValueError(f"bad header line {line[:60]!r}")
             headers.append((name.strip().lower(), value.strip()))
     return status, headers, version == "HTTP/1.0"
+
+
+async def _iter_body(reader: asyncio.StreamReader, reply: StreamedReply, headers: list[tuple[str, str]],
+                     idle_s: float) -> AsyncIterator[bytes]:
+    """A streamed body's data as it arrives (chunked framing removed), each piece within `idle_s`;
+    the connection is closed at the end, on an error, or when the consumer stops."""
+    chunked = any(k == "transfer-encoding" and "chunked" in v.lower() for k, v in headers)
+    length = next((int(v) for k, v in headers if k == "content-length"), None)
+    try:
+        while True:
+            async with asyncio.timeout(idle_s):
+                if chunked:
+                    size = int((await reader.readuntil(b"\r\n")).split(b";", 1)[0].strip(), 16)
+                    if size == 0:
+                        return
+                    data = await reader.readexactly(size)
+                    await reader.readexactly(2)
+                elif length is not None:
+                    if length <= 0:
+                        return
+                    data = await reader.read(min(length, 65536))
+                    if not data:
+                        raise UpstreamBroken("connection closed mid-response")
+                    length -= len(data)
+                else:
+                    data = await reader.read(65536)
+                    if not data:
+                        return
+            yield data
+    except TimeoutError:
+        raise UpstreamTimeout(f"the stream was silent for {idle_s:g} s") from None
+    except (asyncio.IncompleteReadError, ConnectionError, OSError, ValueError, asyncio.LimitOverrunError) as exc:
+        raise UpstreamBroken(f"stream broken: {type(exc).__name__}: {exc}") from None
+    finally:
+        with contextlib.suppress(Exception):
+            reply.close()
 
 
 async def _read_body(reader: asyncio.StreamReader, method: str, status: int,

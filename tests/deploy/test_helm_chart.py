@@ -13,7 +13,7 @@ import yaml
 from deploy_helpers import CHART, FULL_VALUES, RELEASE_NAMESPACE, ROOT, helm_template, run
 
 K8S_VERSION = "1.37.0"
-BUILTIN_GROUPS = {"v1", "apps/v1", "rbac.authorization.k8s.io/v1", "policy/v1"}
+BUILTIN_GROUPS = {"v1", "apps/v1", "rbac.authorization.k8s.io/v1", "policy/v1", "networking.k8s.io/v1"}
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +24,11 @@ def default_objects(helm):
 @pytest.fixture(scope="module")
 def full_objects(helm):
     return helm_template(helm, "-f", str(FULL_VALUES))
+
+
+@pytest.fixture(scope="module")
+def cluster_wide_objects(helm):
+    return helm_template(helm, "--set", "operator.clusterWide=true")
 
 
 def _one(objects, kind, name=None):
@@ -54,7 +59,7 @@ def test_helm_lint_strict(helm, values):
     run([helm, "lint", "--strict", str(CHART), *(["-f", str(values)] if values else [])])
 
 
-@pytest.mark.parametrize("which", ["default_objects", "full_objects"])
+@pytest.mark.parametrize("which", ["default_objects", "full_objects", "cluster_wide_objects"])
 def test_rendered_builtin_kinds_pass_strict_kubernetes_schemas(request, which):
     objects = request.getfixturevalue(which)
     builtin = [o for o in objects if o["apiVersion"] in BUILTIN_GROUPS]
@@ -67,8 +72,9 @@ def test_rendered_builtin_kinds_pass_strict_kubernetes_schemas(request, which):
 
 def test_default_render_contents(default_objects):
     kinds = Counter(o["kind"] for o in default_objects)
-    assert kinds == Counter({"ServiceAccount": 1, "ClusterRole": 1, "ClusterRoleBinding": 1, "Deployment": 1,
-                             "ConfigMap": 1})
+    # namespaced by default: a Role in the release's namespace, a ClusterRole for cluster-scoped objects only
+    assert kinds == Counter({"ServiceAccount": 1, "ClusterRole": 1, "ClusterRoleBinding": 1, "Role": 1,
+                             "RoleBinding": 1, "Deployment": 1, "ConfigMap": 1, "NetworkPolicy": 1})
     for obj in default_objects:
         if obj["kind"] not in {"ClusterRole", "ClusterRoleBinding"}:
             assert obj["metadata"]["namespace"] == RELEASE_NAMESPACE
@@ -88,7 +94,7 @@ def test_operator_deployment_is_one_recreated_replica_with_pod_security(default_
     assert sc["capabilities"] == {"drop": ["ALL"]}
     assert container["image"] == "ghcr.io/stepfleet/stepfleet:0.1.0-cpu"
     assert container["command"] == ["stepfleet"]
-    assert container["args"][:2] == ["operator", "--all-namespaces"]
+    assert container["args"][:2] == ["operator", f"--namespace={RELEASE_NAMESPACE}"]
     # The liveness probe asks the endpoint the operator is told to serve.
     liveness = next(a for a in container["args"] if a.startswith("--liveness="))
     port = next(p["containerPort"] for p in container["ports"] if p["name"] == "liveness")
@@ -103,7 +109,7 @@ def test_operator_deployment_is_one_recreated_replica_with_pod_security(default_
 
 def test_operator_args_parse_with_the_real_cli(default_objects, full_objects):
     """The chart passes only flags `stepfleet operator` accepts (kopf.run stubbed out)."""
-    for objects in (default_objects, full_objects):
+    for objects, scope in ((default_objects, f"False ['{RELEASE_NAMESPACE}']"), (full_objects, "False ['ml', 'research']")):
         container = _one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
         args = container["args"][1:]
         proc = subprocess.run(
@@ -114,7 +120,7 @@ def test_operator_args_parse_with_the_real_cli(default_objects, full_objects):
             capture_output=True, text=True, timeout=60,
         )
         assert proc.returncode == 0, proc.stderr
-        assert proc.stdout.startswith("OK"), proc.stdout
+        assert proc.stdout.strip() == f"OK {scope}", proc.stdout
 
 
 # What docs/operator.md ("Permissions the operator needs") lists, plus the control loop's reads.
@@ -133,45 +139,64 @@ NAMESPACED = {
     ("rbac.authorization.k8s.io", "roles"): {"get", "list", "watch", "create", "patch", "delete"},
     ("rbac.authorization.k8s.io", "rolebindings"): {"get", "list", "watch", "create", "patch", "delete"},
     ("discovery.k8s.io", "endpointslices"): {"get", "list", "watch"},
+    # each fleet's NetworkPolicy (only the router, the operator and the scraper reach workers)
+    ("networking.k8s.io", "networkpolicies"): {"get", "list", "watch", "create", "patch", "delete"},
 }
-CLUSTER = {
+# Only a cluster-wide operator scans namespaces and CRDs (kopf's scanning is off with exact namespaces).
+SCANNING = {
     ("", "namespaces"): {"list", "watch"},
     ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
+}
+CLUSTER = {
     ("karpenter.sh", "nodepools"): {"get", "list", "create", "patch", "delete"},
     ("karpenter.sh", "nodeclaims"): {"list"},
     ("", "events"): {"list"},  # Karpenter's Events on NodeClaims, listed cluster-wide by the control loop
 }
 
 
-def test_rbac_all_namespaces_is_exactly_what_the_operator_needs(default_objects):
-    role = _one(default_objects, "ClusterRole")
-    expected = {**CLUSTER, **NAMESPACED, ("", "events"): {"create", "list"}}
+def test_rbac_cluster_wide_only_when_asked_is_exactly_what_the_operator_needs(cluster_wide_objects):
+    role = _one(cluster_wide_objects, "ClusterRole")
+    expected = {**SCANNING, **CLUSTER, **NAMESPACED, ("", "events"): {"create", "list"}}
     assert _rules(role) == expected
-    binding = _one(default_objects, "ClusterRoleBinding")
-    sa = _one(default_objects, "ServiceAccount")
+    assert not [o for o in cluster_wide_objects if o["kind"] in {"Role", "RoleBinding"}]
+    binding = _one(cluster_wide_objects, "ClusterRoleBinding")
+    sa = _one(cluster_wide_objects, "ServiceAccount")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"],
                                     "namespace": RELEASE_NAMESPACE}]
+    args = _one(cluster_wide_objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--all-namespaces" in args and not any(a.startswith("--namespace") for a in args)
 
 
-def test_rbac_watching_namespaces_uses_roles(full_objects):
-    assert _rules(_one(full_objects, "ClusterRole")) == CLUSTER
-    roles = {(r["metadata"]["namespace"], r["metadata"]["name"]): r for r in full_objects if r["kind"] == "Role"}
-    assert set(roles) == {("ml", "sf-stepfleet"), ("research", "sf-stepfleet")}
-    for role in roles.values():
-        assert _rules(role) == NAMESPACED
-    bindings = [b for b in full_objects if b["kind"] == "RoleBinding"]
-    assert {(b["metadata"]["namespace"], b["roleRef"]["name"]) for b in bindings} == set(roles)
-    args = _one(full_objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert "--namespace=ml" in args and "--namespace=research" in args and "--all-namespaces" not in args
+def test_rbac_by_default_is_a_role_in_the_release_namespace(default_objects):
+    # nothing namespaced is granted cluster-wide: no Deployments, Roles, ... in kube-system
+    assert _rules(_one(default_objects, "ClusterRole")) == CLUSTER
+    role = _one(default_objects, "Role")
+    assert role["metadata"]["namespace"] == RELEASE_NAMESPACE
+    assert _rules(role) == NAMESPACED
+    binding = _one(default_objects, "RoleBinding")
+    assert binding["metadata"]["namespace"] == RELEASE_NAMESPACE
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                  "name": role["metadata"]["name"]}
+
+
+def test_cluster_wide_with_namespaces_is_refused(helm):
+    proc = run([helm, "template", "sf", str(CHART), "--set", "operator.clusterWide=true",
+                "--set", "operator.watchNamespaces[0]=ml"], check=False)
+    assert proc.returncode != 0 and "clusterWide" in proc.stderr, proc.stderr
 
 
 def test_rbac_can_be_narrowed_to_reconcile_only(helm):
-    objects = helm_template(helm, "--set", "controlLoop.rbac=false", "--set", "karpenter.rbac=false")
+    objects = helm_template(helm, "--set", "controlLoop.rbac=false", "--set", "karpenter.rbac=false",
+                            "--set", "operator.clusterWide=true")
     rules = _rules(_one(objects, "ClusterRole"))
     assert ("", "pods") not in rules and ("karpenter.sh", "nodepools") not in rules
     assert ("karpenter.sh", "nodeclaims") not in rules
     assert rules[("", "events")] == {"create"}
+    # namespaced and reconcile only: nothing cluster-wide at all
+    objects = helm_template(helm, "--set", "controlLoop.rbac=false", "--set", "karpenter.rbac=false")
+    assert not [o for o in objects if o["kind"] in {"ClusterRole", "ClusterRoleBinding"}]
+    assert ("", "pods") not in _rules(_one(objects, "Role"))
 
 
 def test_every_rbac_rule_is_justified_by_a_comment():
@@ -183,8 +208,9 @@ def test_every_rbac_rule_is_justified_by_a_comment():
                 assert before.startswith("#"), f"{name}:{i + 1}: rule without a comment saying why"
 
 
-def test_no_wildcards_and_no_secrets(default_objects, full_objects):
-    for obj in default_objects + full_objects:
+def test_no_wildcards_and_no_secrets(default_objects, full_objects, cluster_wide_objects):
+    # Secrets reach fleets as volumes the kubelet mounts: the operator never reads one.
+    for obj in default_objects + full_objects + cluster_wide_objects:
         for rule in obj.get("rules", []):
             assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"]
             assert "secrets" not in rule["resources"]
@@ -225,6 +251,45 @@ def test_prometheus_rule_carries_the_checked_rules_file(full_objects, promtool, 
     run([promtool, "check", "rules", str(rendered)])
 
 
+def _peer(namespace, labels=None):
+    return {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
+            "podSelector": {"matchLabels": labels} if labels else {}}
+
+
+def test_operator_network_policy_admits_only_the_scraper_to_the_metrics_port(default_objects, full_objects):
+    for objects in (default_objects, full_objects):
+        policy = _one(objects, "NetworkPolicy")
+        pod = _one(objects, "Deployment")["spec"]["template"]
+        assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+    assert _one(default_objects, "NetworkPolicy")["spec"]["ingress"] == []  # no scraper named: nobody
+    (rule,) = _one(full_objects, "NetworkPolicy")["spec"]["ingress"]
+    assert rule["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+    assert rule["from"] == [_peer("monitoring", {"app.kubernetes.io/name": "prometheus"}), _peer("observability")]
+
+
+def test_fleets_admit_the_operator_and_the_scraper_to_their_workers(default_objects, full_objects):
+    """The chart tells the operator who it is and who scrapes; every fleet's NetworkPolicy admits them."""
+    from stepfleet.operator.children import Observed, Owner
+    from stepfleet.operator.children.network import workers_policy
+    from stepfleet.operator.main import metrics_peer
+    from stepfleet.operator.models import DiffusionServiceSpec
+
+    spec = DiffusionServiceSpec.model_validate(yaml.safe_load((ROOT / "docs/examples/cpu-fleet.yaml").read_text())["spec"])
+    for objects, expected_scrapers in ((default_objects, []), (full_objects, [
+            _peer("monitoring", {"app.kubernetes.io/name": "prometheus"}), _peer("observability")])):
+        dep = _one(objects, "Deployment")
+        args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+        peers = tuple(metrics_peer(a.split("=", 1)[1]) for a in args if a.startswith("--metrics-from="))
+        policy = workers_policy(Owner("tiny", "ml", "u"), spec, Observed(metrics_peers=peers).metrics_peers)
+        _, scrapers = policy["spec"]["ingress"]
+        operator_pod = dep["spec"]["template"]["metadata"]["labels"]
+        me, *rest = scrapers["from"]
+        assert me["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": RELEASE_NAMESPACE}
+        assert me["podSelector"]["matchLabels"].items() <= operator_pod.items()
+        assert rest == expected_scrapers
+
+
 @pytest.mark.parametrize(
     "override",
     [
@@ -232,6 +297,7 @@ def test_prometheus_rule_carries_the_checked_rules_file(full_objects, promtool, 
         "podSecurityContext.runAsNonRoot=false",
         "operator.livenessPort=0",
         "operator.watchNamespaces[0]=Not_A_Namespace",
+        "networkPolicy.metricsFrom[0].podLabels.app=prometheus",  # a peer without a namespace
         "unknownKey=1",
     ],
 )

@@ -12,7 +12,10 @@ and no CRD-driven resources. This subclass closes exactly those gaps:
 - JSON-patch `test` failures answer 422, stale `resourceVersion` preconditions 409;
 - label and field selectors filter lists and watches; lists carry kind/apiVersion;
 - creating a CRD registers its resource for discovery (so `kubectl apply` of crds/ works);
-- `faults`: injected errors and delays (409, 500, slow responses), consumed in order.
+- `faults`: injected errors and delays (409, 500, slow responses), consumed in order;
+- `drop_watches()` ends every open watch stream (a dropped connection), and `compact()`
+  forgets the event log so far, so a watch resumed from an older resourceVersion gets the API
+  server's `410 Gone` (an ERROR event with code 410), after which clients must list again.
 
 It stays an emulator: no controllers, no garbage collection, no schema validation.
 """
@@ -58,6 +61,7 @@ BUILTIN_RESOURCES: dict[str, tuple[str, bool, tuple[str, ...]]] = {
     "v1/pods": ("Pod", True, ("status",)),
     "apps/v1/deployments": ("Deployment", True, ("status", "scale")),
     "policy/v1/poddisruptionbudgets": ("PodDisruptionBudget", True, ("status",)),
+    "networking.k8s.io/v1/networkpolicies": ("NetworkPolicy", True, ()),
     "apiextensions.k8s.io/v1/customresourcedefinitions": ("CustomResourceDefinition", False, ("status",)),
 }
 VERBS = ("get", "list", "watch", "create", "update", "patch", "delete")
@@ -161,6 +165,8 @@ class Emulator(kmock.KubernetesEmulator):
     _log: list[tuple[int, Any, str, dict[str, Any]]] = attrs.field(factory=list, init=False)
     _log_rvs: list[int] = attrs.field(factory=list, init=False)
     _changed: asyncio.Condition = attrs.field(factory=asyncio.Condition, init=False)
+    _compacted_rv: int = attrs.field(default=0, init=False)
+    _watch_epoch: int = attrs.field(default=0, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -286,6 +292,12 @@ class Emulator(kmock.KubernetesEmulator):
         timeout = float(request.params.get("timeoutSeconds") or 0) or None
         deadline = asyncio.get_running_loop().time() + timeout if timeout else None
         since = request.params.get("resourceVersion")
+        epoch = self._watch_epoch
+        if since not in (None, "", "0") and int(since) < self._compacted_rv:
+            yield {"type": "ERROR", "object": {
+                "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "reason": "Expired",
+                "code": 410, "message": f"too old resource version: {since} ({self._compacted_rv})"}}
+            return
         if since in (None, "", "0"):
             for obj in self._select(request):
                 yield {"type": "ADDED", "object": obj}
@@ -310,7 +322,7 @@ class Emulator(kmock.KubernetesEmulator):
                 if relevant(resource, obj):
                     yield {"type": type_, "object": obj}
             remaining = None if deadline is None else deadline - asyncio.get_running_loop().time()
-            if (remaining is not None and remaining <= 0) or _disconnected(request):
+            if (remaining is not None and remaining <= 0) or _disconnected(request) or epoch != self._watch_epoch:
                 return
             # Wake up now and then: aiohttp does not cancel a handler whose client went away,
             # and a stream left waiting would count as a hung task when kopf stops.
@@ -438,6 +450,18 @@ class Emulator(kmock.KubernetesEmulator):
         return answer
 
     # --- test conveniences ----------------------------------------------------------------------
+
+    async def drop_watches(self) -> None:
+        """End every open watch stream, as a broken connection or an API server restart would."""
+        self._watch_epoch += 1
+        async with self._changed:
+            self._changed.notify_all()
+
+    def compact(self) -> None:
+        """Forget the event log up to now: resuming a watch from before this answers 410 Gone."""
+        self._compacted_rv = self._rv
+        self._log.clear()
+        self._log_rvs.clear()
 
     def fetch(self, key: str, namespace: str | None, name: str) -> dict[str, Any] | None:
         """The live object (a copy) by "group/version/plural" key, or None."""

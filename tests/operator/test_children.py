@@ -34,7 +34,8 @@ def test_builtin_children_pass_strict_kubernetes_schemas(name):
     obj = example(name)
     owner = Owner(name=obj["metadata"]["name"], namespace="ml", uid="u-1")
     manifests = build_all(owner, _spec(obj), Observed(servicemonitor_available=True))
-    builtin = [m for m in manifests if m["apiVersion"] in {"v1", "apps/v1", "policy/v1", "rbac.authorization.k8s.io/v1"}]
+    builtin = [m for m in manifests if m["apiVersion"] in {"v1", "apps/v1", "policy/v1", "rbac.authorization.k8s.io/v1",
+                                                           "networking.k8s.io/v1"}]
     assert len(builtin) == len(manifests) - sum(1 for m in manifests if m["apiVersion"].startswith(("karpenter", "monitoring")))
     for manifest in builtin:
         kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
@@ -47,7 +48,7 @@ def test_three_pool_fleet_children():
         ("ConfigMap", "sd15-router"), ("Service", "sd15-router"), ("Deployment", "sd15-router"),
         ("ServiceAccount", "sd15-router"), ("Role", "sd15-router"), ("RoleBinding", "sd15-router"),
         *[(k, f"sd15-{p}") for p in ("l4", "inf2", "tpu-v5e") for k in ("Deployment", "Service", "PodDisruptionBudget")],
-        ("NodePool", "ml-sd15-l4"), ("NodePool", "ml-sd15-inf2"),
+        ("NodePool", "ml-sd15-l4"), ("NodePool", "ml-sd15-inf2"), ("NetworkPolicy", "sd15-workers"),
     }  # no ServiceMonitor: the API is not there
     for (kind, _), m in kids.items():
         if kind != "NodePool":
@@ -67,7 +68,7 @@ def test_gpu_worker_deployment_fields():
     assert args == {
         "--model": "stable-diffusion-v1-5/stable-diffusion-v1-5", "--family": "sd15", "--device": "cuda",
         "--dtype": "float16", "--pool": "l4", "--host": "0.0.0.0", "--port": "8001", "--max-batch": "8",
-        "--template-cache-bytes": "2147483648",
+        "--template-cache-bytes": "2147483648", "--worker-token-file": "/var/run/stepfleet/worker-token/token",
     }
     assert {e["name"] for e in c["env"]} == {"HF_HOME"}  # every worker setting is in the command
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
@@ -138,8 +139,8 @@ def test_router_config_format_and_weights():
     assert [p["weight"] for p in reset["pools"]] == [0.5, 0.5, 0.0]
     dep = router.deployment(OWNER, spec)
     c = dep["spec"]["template"]["spec"]["containers"][0]
-    assert c["command"] == ["stepfleet", "router", "--config", "/etc/stepfleet/router.yaml",
-                            "--host", "0.0.0.0", "--port", str(c["ports"][0]["containerPort"])]
+    assert c["command"][:8] == ["stepfleet", "router", "--config", "/etc/stepfleet/router.yaml",
+                                "--host", "0.0.0.0", "--port", str(c["ports"][0]["containerPort"])]
     assert dep["spec"]["template"]["spec"]["volumes"][0]["configMap"]["name"] == "sd15-router"
     assert yaml.safe_load(cm["data"]["router.yaml"]) == cfg
 

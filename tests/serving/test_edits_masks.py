@@ -124,3 +124,10 @@ def test_whole_image_mask_covers_every_pixel_with_height_first():
 
     m = whole_image_mask((96, 64))
     assert m.shape == (64, 96) and m.dtype == torch.bool and bool(m.all())
+
+
+def test_default_halo_is_wider_on_small_latents():
+    from stepfleet.serving.edits.masks import DEFAULT_HALO, SMALL_LATENT_HALO, default_halo
+
+    assert default_halo(16, 16) == SMALL_LATENT_HALO == 4  # mini-sd's 64×64 images, by measurement
+    assert default_halo(64, 64) == default_halo(17, 128) == DEFAULT_HALO == 1

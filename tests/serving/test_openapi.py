@@ -21,15 +21,21 @@ from tests.serving.fakes import FakeRunner
 FIELDS = {
     "/v1/images/generations": {
         "prompt", "model", "n", "size", "response_format", "output_format", "output_compression", "quality",
-        "style", "background", "moderation", "user", "stream", "num_inference_steps", "guidance_scale", "seed",
+        "style", "background", "moderation", "user", "safety_identifier", "stream", "partial_images",
+        "num_inference_steps", "guidance_scale", "seed",
         "negative_prompt", "scheduler", "priority", "deadline_ms", "original_size", "target_size",
         "crops_coords_top_left",
     },
     "/v1/images/edits": {
         "image", "image[]", "mask", "prompt", "model", "n", "size", "response_format", "output_format",
-        "output_compression", "quality", "background", "input_fidelity", "user", "template_id",
+        "output_compression", "quality", "background", "input_fidelity", "user", "safety_identifier", "stream",
+        "partial_images", "template_id",
         "num_inference_steps", "guidance_scale", "seed", "scheduler", "strength", "negative_prompt", "priority",
         "deadline_ms",
+    },
+    "/v1/images/variations": {
+        "image", "model", "n", "response_format", "size", "user", "output_format", "output_compression", "strength",
+        "prompt", "num_inference_steps", "guidance_scale", "seed", "scheduler", "priority", "deadline_ms",
     },
     "/v1/templates": {
         "image", "prompt", "negative_prompt", "size", "num_inference_steps", "guidance_scale", "seed", "scheduler",
@@ -37,8 +43,10 @@ FIELDS = {
     },
 }
 MEDIA = {"/v1/images/generations": "application/json", "/v1/images/edits": "multipart/form-data",
+         "/v1/images/variations": "multipart/form-data",
          "/v1/templates": "multipart/form-data"}
-REQUIRED = {"/v1/images/generations": {"prompt"}, "/v1/images/edits": {"prompt"}, "/v1/templates": {"image"}}
+REQUIRED = {"/v1/images/generations": {"prompt"}, "/v1/images/edits": {"prompt"}, "/v1/images/variations": {"image"},
+            "/v1/templates": {"image"}}
 
 WORKER_SETTINGS = WorkerSettings(model="tiny-sd", max_batch=4, max_images=8, max_steps=150, warmup=False)
 ENGINE_BATCH = 3  # the engine given to the worker batches 3 images: so `n` is at most 3 there

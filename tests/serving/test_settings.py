@@ -18,7 +18,7 @@ EXAMPLES = [
     WorkerSettings(model="hub-org/sdxl-base", family="sdxl", dtype="float16", revision="0123abc", device="cuda",
                    pool="l4", host="0.0.0.0", port=8001, max_batch=8, template_cache_bytes=2 * 1024**3),
     WorkerSettings(model="/models/sd15/v1", served_model_name="sd15", local_files_only=True, preemption=False,
-                   warmup=False, policy="static", aux="thread", template_dir="/tmp/t", template_disk_bytes=10**9),
+                   warmup=False, policy="static", aux="thread", template_dir="/tmp/t", template_disk_bytes=10**9, edit_halo=3),
     WorkerSettings(local_files_only=False, default_guidance_scale=-1.5, slo_scale=0.1, graceful_shutdown_s=0.0,
                    family="sd2", dtype="bfloat16", device="xla", max_upload_bytes=1024),
     WorkerSettings(model="-odd-name", pool="p", port=0),

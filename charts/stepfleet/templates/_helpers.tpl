@@ -46,3 +46,33 @@ app.kubernetes.io/part-of: stepfleet
 {{- define "stepfleet.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default (printf "%s-cpu" .Chart.AppVersion) .Values.image.tag) }}
 {{- end }}
+
+{{/* Namespaces the operator watches: none means every one (clusterWide), else the given ones,
+else the release's own. Fails on clusterWide with namespaces (which would it be?). */}}
+{{- define "stepfleet.watchNamespaces" -}}
+{{- if .Values.operator.clusterWide }}
+{{- if .Values.operator.watchNamespaces }}
+{{- fail "operator.clusterWide watches every namespace: leave operator.watchNamespaces empty" }}
+{{- end }}
+{{- toJson list }}
+{{- else if .Values.operator.watchNamespaces }}
+{{- toJson .Values.operator.watchNamespaces }}
+{{- else }}
+{{- toJson (list .Release.Namespace) }}
+{{- end }}
+{{- end }}
+
+{{/* `--metrics-from` values: the operator itself (its control loop scrapes worker pods), then
+networkPolicy.metricsFrom, as NAMESPACE[:LABEL=VALUE,...]. A JSON list. */}}
+{{- define "stepfleet.metricsFromFlags" -}}
+{{- $self := printf "%s:app.kubernetes.io/name=%s,app.kubernetes.io/instance=%s,app.kubernetes.io/component=operator" .Release.Namespace (include "stepfleet.name" .) .Release.Name }}
+{{- $out := list $self }}
+{{- range .Values.networkPolicy.metricsFrom }}
+{{- $pairs := list }}
+{{- range $k, $v := .podLabels }}
+{{- $pairs = append $pairs (printf "%s=%s" $k $v) }}
+{{- end }}
+{{- $out = append $out (ternary (printf "%s:%s" .namespace (join "," $pairs)) .namespace (gt (len $pairs) 0)) }}
+{{- end }}
+{{- toJson $out }}
+{{- end }}

@@ -44,6 +44,11 @@
 - apiGroups: ["discovery.k8s.io"]
   resources: ["endpointslices"]
   verbs: ["get", "list", "watch"]
+# One NetworkPolicy per DiffusionService: only its router, this operator and the scraper reach its
+# workers (spec.security.networkPolicy); delete when that is turned off.
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 # kopf's and the operator's own Events (InvalidSpec, ChildConflict, mode switches).
 - apiGroups: [""]
   resources: ["events"]
@@ -56,8 +61,10 @@
   verbs: ["list"]
 {{- end }}
 {{- end }}
-{{- define "stepfleet.rbac.clusterRules" -}}
-# kopf's own discovery: which namespaces exist, and whether the DiffusionService CRD is installed.
+{{- define "stepfleet.rbac.clusterWideRules" -}}
+# Only for a cluster-wide operator (operator.clusterWide): kopf watches namespaces to pick up new
+# ones, and CRDs to notice the DiffusionService CRD coming and going. Given exact namespaces, the
+# operator turns kopf's scanning off (OperatorConfig.scan_cluster) and needs neither.
 - apiGroups: [""]
   resources: ["namespaces"]
   verbs: ["list", "watch"]
@@ -65,6 +72,8 @@
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
   verbs: ["list", "watch"]
+{{- end }}
+{{- define "stepfleet.rbac.clusterRules" -}}
 {{- if .Values.karpenter.rbac }}
 # Karpenter NodePools for pools with `nodePool` (cluster-scoped): create/patch/delete to keep
 # them in step with the spec (the control loop also patches their limits); get/list to find
