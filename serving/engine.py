@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from stepfleet.serving.auxwork import AuxWork, resolve_aux_mode
 from stepfleet.serving.contracts import Decoded, EditPath, Prepared, RequestKind, Runner, StepResult
-from stepfleet.serving.costmodel import StepCostModel, cost_key
+from stepfleet.serving.costmodel import StepCostModel, cost_key, key_label
 from stepfleet.serving.params import GenerationParams
 from stepfleet.serving.planner import (
     Phase,
@@ -73,6 +73,23 @@ class EngineObserver(Protocol):
     def on_step(self, seconds: float, batch_images: int, queue_depth: int) -> None: ...
     def on_finish(self, request: EngineRequest, outcome: str) -> None: ...
     def on_preempt(self, count: int) -> None: ...
+    def on_batching(self, report: BatchingReport) -> None: ...
+
+
+@dataclass(frozen=True)
+class BatchingReport:
+    """How the engine sizes batches now: the planner's last verdict and the curves behind it.
+
+    Shown in `/v1/load`, exported to `/metrics` and logged at info when it changes, because a
+    batch cap nobody could see once cost a worker its throughput under overload (issue 21).
+    """
+
+    mode: str  # planner.SizingMode value: light, backlog or deadline
+    cap_images: int  # images the last step's head request could share a step with
+    cap_rows: int | None  # the same in UNet rows; None: no cost-based cap
+    reason: str
+    #: Step seconds by UNet rows per cost key (`costmodel.key_label`), as batch sizing compares them.
+    curves: dict[str, dict[int, float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -88,6 +105,9 @@ class EngineConfig:
     #: it orders waiting work shortest-first while still ageing long requests in.
     slo_scale: float = 4.0
     idle_poll_s: float = 0.05
+    #: Changes of batch sizing and of the learned step-cost curve are logged at info at most
+    #: this often (a queue at the edge of a backlog can flip the rule every step).
+    batching_log_s: float = 5.0
     #: Where prompt encoding and VAE decoding run: "thread", "inline" (between steps, on the
     #: loop thread) or "auto" (inline when the runner's device is the CPU).
     aux: str = "auto"
@@ -137,6 +157,9 @@ class _NullObserver:
     def on_preempt(self, count: int) -> None:
         pass
 
+    def on_batching(self, report: BatchingReport) -> None:
+        pass
+
 
 class Engine(Generic[S]):
     """Owns the step loop thread, the auxiliary thread, and every live request."""
@@ -173,6 +196,12 @@ class Engine(Generic[S]):
         self._stopping = False
         self._accepting = True
         self.keep_latents = False  # the benchmark turns this on to check batch invariance
+        self._batching = BatchingReport(mode="light", cap_images=self.config.max_batch, cap_rows=None,
+                                        reason="no step yet")
+        self._batching_logged: tuple[object, ...] = ()
+        self._batching_logged_at = -math.inf
+        self._curves_at = -math.inf
+        self._curves_logged: dict[str, dict[int, float]] = {}
 
     # -- lifecycle -----------------------------------------------------------------
     def start(self) -> Engine:
@@ -239,7 +268,8 @@ class Engine(Generic[S]):
         """Time the step-cost curve for this size (1..max_batch images) and size batches by it.
 
         The worker calls this after warm-up: online samples of batch sizes the engine rarely
-        runs are too few to compare fairly (see `costmodel.StepCostModel.recent`).
+        runs are too few to compare fairly. The curve only seeds the online estimate, which
+        takes over as steps are measured (see `serving.costmodel`).
         """
         from stepfleet.serving.calibration import step_curve
 
@@ -247,7 +277,9 @@ class Engine(Generic[S]):
 
         def measure() -> dict[int, float]:
             curve = step_curve(self.runner, width, height, guidance_scale, self.config.max_batch, reps)
-            self.cost.calibrate(shape, curve)
+            with self._cond:  # other threads read the model (load, backlog, deadlines)
+                self.cost.calibrate(shape, curve)
+            self._curves_at = -math.inf  # report the seeded curve at the next step
             return curve
 
         return self.call_on_loop(measure).result(timeout=timeout)
@@ -282,7 +314,12 @@ class Engine(Generic[S]):
                 "step_units": float(step_units),
                 "backlog_s": self._backlog_s(),
                 "max_batch": float(self.config.max_batch),
+                "batch_cap": float(self._batching.cap_images),
             }
+
+    def batching(self) -> BatchingReport:
+        """The current batch sizing and learned curves (a snapshot taken on the loop thread)."""
+        return self._batching
 
     def retry_after_s(self) -> float:
         return max(1.0, math.ceil(self._backlog_s()))
@@ -313,7 +350,8 @@ class Engine(Generic[S]):
         p = req.params
         # Edits on cached template activations cost differently from full steps of the same shape.
         key = cost_key(prepared.shape, prepared.cost_variant)
-        solo = self.cost.service_seconds(key, prepared.unet_rows, prepared.steps)
+        with self._cond:  # the loop thread writes the cost model under this lock
+            solo = self.cost.service_seconds(key, prepared.unet_rows, prepared.steps)
         explicit = p.deadline_ms is not None
         budget = p.deadline_ms / 1000.0 if explicit else self.config.slo_scale * solo
         req.prepared = prepared
@@ -411,6 +449,7 @@ class Engine(Generic[S]):
             if plan.paused:
                 self.observer.on_preempt(len(plan.paused))
                 log.debug("plan: %s", "; ".join(plan.reasons))
+            self._report_batching(plan)
             result = self._execute(plan, batch)
             self._retire(plan, batch, result, seqs, depth)
         self._aux.run_pending()  # decodes queued by the last steps
@@ -452,10 +491,11 @@ class Engine(Generic[S]):
         if not result.failed:
             rows = sum(r.seq.unet_rows for r in batch if r.seq is not None)
             keys = {r.seq.cost_key for r in batch if r.seq is not None}
-            if len(keys) == 1:
-                self.cost.observe(keys.pop(), rows, result.seconds)
-            else:  # a mixed batch informs the shape's estimate, not any variant's batch sizing
-                self.cost.observe(plan.shape, rows, result.seconds, reference=False)
+            with self._cond:  # other threads read the model (load, backlog, deadlines)
+                if len(keys) == 1:
+                    self.cost.observe(keys.pop(), rows, result.seconds, at=self.clock())
+                else:  # a mixed batch informs the shape's estimate, not any variant's batch sizing
+                    self.cost.observe(plan.shape, rows, result.seconds, reference=False, at=self.clock())
             self.observer.on_step(result.seconds, sum(r.seq.rows for r in batch if r.seq is not None), depth)
         retired = update(seqs, plan, result)
         by_id = {req.id: req for req in batch}
@@ -467,6 +507,45 @@ class Engine(Generic[S]):
         for sid in retired.finished:
             self._aux.submit(self._decode, by_id[sid])
 
+    def _report_batching(self, plan: StepPlan) -> None:
+        """Keep the batching snapshot current; tell the observer on change, log at info (rate-limited).
+
+        Runs on the loop thread, the only writer of the cost model, so reading it needs no lock.
+        The curves are re-read at most once a second: medians over every point are not free.
+        """
+        sizing = plan.sizing
+        if sizing is None:
+            return
+        now = self.clock()
+        old = self._batching
+        curves = old.curves
+        if now - self._curves_at >= 1.0:
+            self._curves_at = now
+            curves = {key_label(k): dict(sorted(c.items())) for k in self.cost.keys()
+                      if (c := self.cost.reference_curve(k))}
+        report = BatchingReport(mode=sizing.mode.value, cap_images=sizing.cap_images, cap_rows=sizing.cap_rows,
+                                reason=sizing.why, curves=curves)
+        changed = (report.mode, report.cap_images, report.curves) != (old.mode, old.cap_images, old.curves)
+        self._batching = report
+        if changed:
+            try:
+                self.observer.on_batching(report)
+            except Exception:  # metrics must never break serving
+                log.exception("observer failed")
+        if now - self._batching_logged_at < self.config.batching_log_s:
+            return
+        state = (report.mode, report.cap_images)
+        if state != self._batching_logged:
+            log.info("batch sizing: %s, up to %d image(s) per step (%s)", report.mode, report.cap_images,
+                     report.reason)
+        moved = {k: c for k, c in curves.items() if _moved(self._curves_logged.get(k, {}), c)}
+        for label, curve in moved.items():
+            log.info("step cost by UNet rows at %s: %s", label,
+                     ", ".join(f"{rows}: {sec * 1000:.1f} ms" for rows, sec in curve.items()))
+        if state != self._batching_logged or moved:
+            self._batching_logged, self._batching_logged_at = state, now
+            self._curves_logged = {**self._curves_logged, **moved}
+
     # -- convenience ---------------------------------------------------------------------
     def generate(self, params: GenerationParams, timeout: float | None = None,
                  kind: RequestKind = RequestKind.GENERATION) -> EngineResult:
@@ -476,3 +555,8 @@ class Engine(Generic[S]):
     def warmup(self, params: GenerationParams) -> None:
         """Run one full (short) request so the first user does not pay for lazy initialisation."""
         self.generate(params, timeout=600, kind=RequestKind.WARMUP)
+
+
+def _moved(old: dict[int, float], new: dict[int, float], rel: float = 0.1) -> bool:
+    """Whether a curve changed enough to log: a new point, or one that moved by more than `rel`."""
+    return any(rows not in old or abs(sec / old[rows] - 1) > rel for rows, sec in new.items())

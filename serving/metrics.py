@@ -7,9 +7,14 @@ registry, so several workers can live in one test process.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from stepfleet.serving.contracts import RequestKind
+
+if TYPE_CHECKING:
+    from stepfleet.serving.engine import BatchingReport
 
 #: Metric names other components rely on (the operator's observer, dashboards, alerts).
 QUEUE_DEPTH = "stepfleet_queue_depth"
@@ -29,6 +34,12 @@ CACHE_MEMORY_BYTES = "stepfleet_template_cache_memory_bytes"
 CACHE_DISK_BYTES = "stepfleet_template_cache_disk_bytes"
 CACHE_LOAD_SECONDS = "stepfleet_template_cache_load_seconds_total"
 CACHE_EVICTIONS = "stepfleet_template_cache_evictions_total"
+BATCH_CAP = "stepfleet_batch_cap"
+BATCH_SIZING = "stepfleet_batch_sizing"
+STEP_COST_SECONDS = "stepfleet_step_cost_seconds"
+
+#: `planner.SizingMode` values (kept literal: metrics import no planner).
+SIZING_MODES = ("light", "backlog", "deadline")
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 60, 120)
 _STEP_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2)
@@ -77,6 +88,13 @@ class WorkerMetrics:
                                           ["pool"], registry=r)
         self.cache_evictions = Counter(CACHE_EVICTIONS, "Template steps dropped from both tiers.", ["pool"],
                                        registry=r)
+        # Batch sizing (issue 21): the cap, the rule that set it, and the learned curve behind it.
+        self.batch_cap = Gauge(BATCH_CAP, "Images the planner lets share one step now (max batch when uncapped).",
+                               ["pool"], registry=r)
+        self.batch_sizing = Gauge(BATCH_SIZING, "1 for the rule sizing batches now: light, backlog or deadline.",
+                                  ["pool", "mode"], registry=r)
+        self.step_cost = Gauge(STEP_COST_SECONDS, "Learned seconds of one step by cost key (shape) and UNet rows.",
+                               ["pool", "shape", "rows"], registry=r)
         self._cache_seen: dict[str, float] = {}
         for fam in (self.queue_depth, self.running_batch, self.ready, self.backlog, self.preemptions,
                     self.images, self.step_seconds, self.cache_hits, self.cache_misses, self.cache_memory,
@@ -120,6 +138,14 @@ class WorkerMetrics:
 
     def on_preempt(self, count: int) -> None:
         self.preemptions.labels(self.pool).inc(count)
+
+    def on_batching(self, report: BatchingReport) -> None:
+        self.batch_cap.labels(self.pool).set(report.cap_images)
+        for mode in SIZING_MODES:
+            self.batch_sizing.labels(self.pool, mode).set(1 if mode == report.mode else 0)
+        for shape, curve in report.curves.items():
+            for rows, seconds in curve.items():
+                self.step_cost.labels(self.pool, shape, str(rows)).set(seconds)
 
     def on_rejected(self, kind: str, status: str) -> None:
         """Requests refused before reaching the engine (validation, overload)."""

@@ -16,6 +16,16 @@ The running group keeps its shape while it has members; a candidate of the runni
 is admitted only if no candidate of another shape outranks it, so an older request of
 another shape is never starved: the group drains and that shape goes next.
 
+Batch sizing. How many rows a step takes is a trade of latency for throughput that depends on
+the queue, so it is one pure rule (`size_batch`) whose verdict and reason travel in the plan:
+with nothing queueing, the batch stops growing where the measured step-cost curve gains less
+than `min_batch_gain` per row (small batches finish each request sooner); once a waiting request
+has queued longer than `backlog_wait_fraction` of its own service time, every throughput gain
+the curve offers is taken, up to `max_batch` — under overload waiting dominates latency, and
+a rule that held batches small there lost to request-level batching (issue 21); and when
+requests with explicit deadlines would miss them, the batch is the one that finishes them
+soonest (fewest misses, then earliest completion), found by simulating the candidates.
+
 Preemption. When the batch is full, the most urgent candidate may pause the running
 request with the most slack: always if its priority class is higher; within a class only
 if it has an explicit deadline it would miss by waiting for a slot to free, and the victim
@@ -91,7 +101,42 @@ class PlannerConfig:
     #: measured per-row step cost by less than this fraction. On a GPU the curve is flat
     #: and batches fill; on a CPU, where cost is nearly linear in rows, small batches
     #: finish each request sooner at almost the same throughput. 0 disables the cap.
+    #: Applies while nothing queues (see `backlog_wait_fraction`).
     min_batch_gain: float = 0.05
+    #: A waiting request that has queued longer than this fraction of its own solo service time
+    #: means work is backing up: then batches take every throughput gain up to `max_batch`
+    #: (`backlog_min_gain`). Half a service time: a request held back by the latency-first
+    #: cap gets in before it has waited as long as it will run.
+    backlog_wait_fraction: float = 0.5
+    #: Under a backlog, the per-row gain a bigger batch must offer over a smaller one. 0: any.
+    backlog_min_gain: float = 0.0
+    #: Size batches for explicit deadlines that would be missed otherwise (simulated per step).
+    deadline_sizing: bool = True
+
+
+class SizingMode(enum.Enum):
+    """Which rule sized a step's batch (in the plan, `/v1/load` and `/metrics`)."""
+
+    LIGHT = "light"  # nothing queues: stop where the per-row gain gets small
+    BACKLOG = "backlog"  # requests queue: every throughput gain, up to max_batch
+    DEADLINE = "deadline"  # explicit deadlines at risk: the batch that finishes them soonest
+
+
+@dataclass(frozen=True)
+class BatchSizing:
+    """The batch-size verdict of one plan, with its reason.
+
+    `cap_rows` is in UNet rows (classifier-free guidance doubles an image's rows); None means
+    no cost-based cap (`max_batch` images bound the batch). Under LIGHT and BACKLOG it is the
+    cap of the head request's cost variant (each variant is capped by its own curve under the
+    same rule); under DEADLINE it bounds the whole batch, as simulated. `cap_images` is the same
+    cap in images of the head request, at most `max_batch`.
+    """
+
+    mode: SizingMode
+    cap_rows: int | None
+    cap_images: int
+    why: str
 
 
 @dataclass(frozen=True)
@@ -106,6 +151,8 @@ class StepPlan:
     #: When nothing can run yet (static batching waiting to fill), when to look again.
     wake_at: float | None = None
     reasons: tuple[str, ...] = field(default=())
+    #: How the batch was sized (continuous policy; None when idle or static).
+    sizing: BatchSizing | None = None
 
     @property
     def idle(self) -> bool:
@@ -157,28 +204,36 @@ class StepPlanner:
             if c.shape == shape and c not in paused and (fence is None or c.urgency() < fence.urgency())
         ]
         admitted: list[Seq] = []
-        # Batch sizing per cost variant: each kind of step grows only while its own measured
-        # curve says one more row still pays.
+        sizing = size_batch(batch, queue, now, self.config, self.cost)
+        # Per cost variant: each kind of step grows only as far as its own curve says it pays,
+        # under the rule the queue's state chose; a deadline verdict bounds the whole batch.
         caps: dict[Hashable, int | None] = {}
         rows_of: dict[Hashable, int] = {}
         for s in batch:
             rows_of[s.cost_key] = rows_of.get(s.cost_key, 0) + s.unet_rows
+        unet_total = sum(rows_of.values())
         # A request with more images than a batch holds runs alone (the worker refuses such
         # requests, but a planner that waited for room would hold its whole shape back forever).
         while queue and (rows + queue[0].rows <= self.config.max_batch or not batch):
             key = queue[0].cost_key
-            if key not in caps:
-                gain = self.config.min_batch_gain
-                caps[key] = self.cost.efficient_rows(key, gain) if gain else None
-            have = rows_of.get(key, 0)
-            if have and caps[key] is not None and have + queue[0].unet_rows > caps[key]:
-                reasons.append(f"batch held at {have} rows: measured gain beyond {caps[key]} rows is too small")
-                break
+            if sizing.mode is SizingMode.DEADLINE:
+                if batch and sizing.cap_rows is not None and unet_total + queue[0].unet_rows > sizing.cap_rows:
+                    reasons.append(f"batch held at {unet_total} rows: {sizing.why}")
+                    break
+            else:
+                if key not in caps:
+                    caps[key] = _variant_cap(self.cost, key, sizing.mode, self.config)
+                have = rows_of.get(key, 0)
+                if have and caps[key] is not None and have + queue[0].unet_rows > caps[key]:
+                    reasons.append(f"batch held at {have} rows: measured gain beyond {caps[key]} rows is too small "
+                                   f"({sizing.mode.value})")
+                    break
             c = queue.pop(0)
             batch.append(c)
             admitted.append(c)
             rows += c.rows
-            rows_of[key] = have + c.unet_rows
+            rows_of[key] = rows_of.get(key, 0) + c.unet_rows
+            unet_total += c.unet_rows
 
         if queue and self.config.preemption:
             batch, rows = self._preempt(batch, running, queue, paused, admitted, rows, now, reasons)
@@ -191,7 +246,8 @@ class StepPlanner:
             resumed=tuple(s.id for s in admitted if s.phase is Phase.PAUSED),
             paused=tuple(s.id for s in paused),
             shape=shape,
-            reasons=tuple(reasons),
+            reasons=(sizing.why, *reasons),
+            sizing=sizing,
         )
 
     def _preempt(
@@ -261,6 +317,135 @@ class StepPlanner:
         return StepPlan(
             batch=tuple(s.id for s in group), admitted=tuple(s.id for s in group), shape=shape
         )
+
+
+# -- batch sizing (pure) ---------------------------------------------------------------
+
+
+def _variant_cap(cost: StepCostModel, key: Hashable, mode: SizingMode, config: PlannerConfig) -> int | None:
+    """A cost variant's row cap under `mode` (LIGHT or BACKLOG): None when the curve says fill."""
+    if mode is SizingMode.LIGHT:
+        return cost.efficient_rows(key, config.min_batch_gain) if config.min_batch_gain else None
+    return cost.best_throughput_rows(key, config.backlog_min_gain)
+
+
+def _cap_images(cap_rows: int | None, head: Seq, max_batch: int) -> int:
+    if cap_rows is None:
+        return max_batch
+    per_image = max(1, head.unet_rows // max(1, head.rows))
+    return max(1, min(max_batch, cap_rows // per_image))
+
+
+def size_batch(running: Sequence[Seq], queue: Sequence[Seq], now: float, config: PlannerConfig,
+               cost: StepCostModel) -> BatchSizing:
+    """The batch-size rule of one step: light, backlog or deadline (see the module docstring).
+
+    `running` are the requests already in the batch, `queue` the candidates of the same shape
+    in admission order. Pure: the same state gives the same verdict in the engine and the replay.
+    """
+    head = queue[0] if queue else running[0] if running else None
+    if head is None:
+        return BatchSizing(SizingMode.LIGHT, None, config.max_batch, "nothing to run")
+    key = head.cost_key
+    mode = SizingMode.LIGHT
+    why = "no backlog"
+    # The most urgent waiting request that has queued longer than the fraction of its own
+    # service time. One step's cost per (variant, rows) is looked up once, and the scan stops at
+    # the first such request: a saturated queue holds hundreds, and is found at its head.
+    step_of: dict[tuple[Hashable, int], float] = {}
+    for s in queue:
+        if s.phase is not Phase.WAITING:
+            continue
+        if (s.cost_key, s.unet_rows) not in step_of:
+            step_of[(s.cost_key, s.unet_rows)] = cost.step_seconds(s.cost_key, s.unet_rows)
+        wait, service = now - s.arrival, s.steps_left * step_of[(s.cost_key, s.unet_rows)]
+        if wait > config.backlog_wait_fraction * service:
+            mode = SizingMode.BACKLOG
+            why = f"backlog: {s.id} waited {wait:.2f}s > {config.backlog_wait_fraction:g} x {service:.2f}s service"
+            break
+    cap = _variant_cap(cost, key, mode, config)
+    base = BatchSizing(mode, cap, _cap_images(cap, head, config.max_batch),
+                       f"{why}; {'no cap' if cap is None else f'cap {cap} rows'}")
+    if not queue or not config.deadline_sizing:
+        return base
+    return _size_for_deadlines(running, queue, now, config, cost, key, base) or base
+
+
+def _size_for_deadlines(running: Sequence[Seq], queue: Sequence[Seq], now: float, config: PlannerConfig,
+                        cost: StepCostModel, key: Hashable, base: BatchSizing) -> BatchSizing | None:
+    """The batch that finishes explicit deadlines soonest, if it saves one the base cap would miss.
+
+    Simulates the candidates under each reachable total-rows cap (the running batch plus a
+    prefix of the queue) and ranks caps by deadlines missed, then the time the last of them
+    finishes, then their summed finish times. Only a cap that misses fewer deadlines than the
+    base verdict overrides it: where every deadline is lost anyway, throughput matters more.
+    """
+    head = queue[0] if queue else running[0]
+    # The deadlines this step can still decide: the running batch and the next two batches' worth
+    # of candidates (the queue is in urgency order; keeps the simulation short on long queues).
+    near = (*running, *queue[: 2 * config.max_batch])
+    limit = [s.id for s in near if s.explicit_deadline]
+    if not limit:
+        return None
+    caps: list[int] = []
+    rows = sum(s.unet_rows for s in running)
+    images = sum(s.rows for s in running)
+    if running:
+        caps.append(rows)
+    for c in queue:
+        if images + c.rows > config.max_batch and (running or caps):
+            break
+        rows += c.unet_rows
+        images += c.rows
+        caps.append(rows)
+
+    def score(cap: int | None) -> tuple[int, float, float]:
+        finish = _simulate(running, queue, now, cap, config.max_batch, cost, key, set(limit))
+        seqs = {s.id: s for s in (*running, *queue)}
+        missed = sum(1 for sid in limit if finish.get(sid, math.inf) > seqs[sid].deadline)
+        times = [finish.get(sid, math.inf) for sid in limit]
+        return missed, max(times), sum(times)
+
+    base_score = score(base.cap_rows)
+    if base_score[0] == 0:
+        return None
+    best_cap, best = min(((c, score(c)) for c in caps), key=lambda cs: (cs[1], cs[0]))
+    if best[0] >= base_score[0]:
+        return None
+    at_risk = base_score[0]
+    why = (f"deadline: {at_risk} explicit deadline(s) missed at the {base.mode.value} cap; {best_cap} rows "
+           f"misses {best[0]}, all done by +{best[1] - now:.2f}s")
+    return BatchSizing(SizingMode.DEADLINE, best_cap, _cap_images(best_cap, head, config.max_batch), why)
+
+
+def _simulate(running: Sequence[Seq], queue: Sequence[Seq], now: float, cap_rows: int | None, max_batch: int,
+              cost: StepCostModel, key: Hashable, until: set[str]) -> dict[str, float]:
+    """Finish times (planner clock) of continuous batching under a total-rows cap, on the cost curve.
+
+    Requests join in queue order whenever they fit; the batch runs until one leaves. Stops once
+    every id in `until` has finished. An estimate: later arrivals and other shapes are ignored.
+    """
+    active = [[s, s.steps_left] for s in running]
+    pending = list(queue)
+    finish: dict[str, float] = {}
+    t = now
+    while (active or pending) and not until <= finish.keys():
+        rows = sum(a[0].unet_rows for a in active)
+        images = sum(a[0].rows for a in active)
+        while pending and (not active or (images + pending[0].rows <= max_batch
+                                          and (cap_rows is None or rows + pending[0].unet_rows <= cap_rows))):
+            c = pending.pop(0)
+            active.append([c, c.steps_left])
+            rows += c.unet_rows
+            images += c.rows
+        steps = max(1, min(left for _, left in active))
+        t += steps * cost.step_seconds(key, rows)
+        for a in active:
+            a[1] -= steps
+            if a[1] <= 0:
+                finish[a[0].id] = t
+        active = [a for a in active if a[1] > 0]
+    return finish
 
 
 def apply_plan(seqs: dict[str, Seq], plan: StepPlan) -> None:

@@ -11,9 +11,9 @@ import sys
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="stepfleet bench", description="Run a benchmark and print its figures.")
     sub = ap.add_subparsers(dest="name", required=True)
-    eng = sub.add_parser("engine", help="continuous vs static vs one-at-a-time (live and replayed)")
+    eng = sub.add_parser("engine", help="continuous vs static vs peer-style dynamic batching vs one-at-a-time")
     eng.add_argument("--json", action="store_true", help="print the JSON result on stdout")
-    eng.add_argument("--quick", action="store_true", help="fewer live requests, live only at load 0.9 (< 3 min)")
+    eng.add_argument("--quick", action="store_true", help="fewer live requests, live only at load 1.2 (< 3 min)")
     eng.add_argument("--model", default="tiny-sd")
     eng.add_argument("--device", default="auto")
     eng.add_argument("--dtype", default="auto")
@@ -22,7 +22,9 @@ def main(argv: list[str]) -> int:
     eng.add_argument("--live-requests", type=int, default=None)
     eng.add_argument("--seed", type=int, default=7)
     eng.add_argument("--live-loads", default=None,
-                     help="comma-separated loads to also run live (default 0.7,0.9,1.1; --quick: 0.9)")
+                     help="comma-separated loads to also run live (default 0.7,1.2,2.0; --quick: 1.2)")
+    eng.add_argument("--noise", action="store_true",
+                     help="run a CPU-bound competing process on one core during the live runs")
     rtr = sub.add_parser("router", help="router added latency on loopback; predicted vs round-robin vs least-requests")
     rtr.add_argument("--json", action="store_true", help="print the JSON result on stdout")
     rtr.add_argument("--quick", action="store_true", help="fewer segments and a shorter simulation (< 2 min)")
@@ -65,10 +67,10 @@ def main(argv: list[str]) -> int:
 
     cfg = BenchConfig(
         model=args.model, device=args.device, dtype=args.dtype, size=args.size, max_batch=args.max_batch,
-        seed=args.seed,
+        seed=args.seed, noise=args.noise,
         live_requests=args.live_requests or (12 if args.quick else 40),
         live_loads=(tuple(float(x) for x in args.live_loads.split(",")) if args.live_loads
-                    else (0.9,) if args.quick else (0.7, 0.9, 1.1)),
+                    else (1.2,) if args.quick else (0.7, 1.2, 2.0)),
         replay_requests=1000 if args.quick else 2000,
     )
     result = run(cfg, quick=args.quick)

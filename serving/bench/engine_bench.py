@@ -1,18 +1,26 @@
-"""`stepfleet bench engine`: continuous batching vs static batching vs one request at a time.
+"""`stepfleet bench engine`: continuous batching vs request-level batching vs one at a time.
 
-One run, one seeded Poisson trace (steps mixed 10/20/30, schedulers mixed) at loads 0.7,
-0.9 and 1.1 of the measured capacity of `fifo`:
+One run, one seeded Poisson trace (steps mixed 10/20/30, schedulers mixed) at loads relative
+to the measured capacity of `fifo` (replayed at 0.7, 0.9, 1.1, 1.2 and 2.0; live by default
+at 0.7, 1.2 and 2.0):
 
 - `fifo`: diffusers' `StableDiffusionPipeline`, one request at a time (a plain FastAPI +
   diffusers server);
 - `static`: request-level batching on the same engine machinery (fill to max batch or a
   wait timeout, run that batch to completion);
+- `peer` (live only): the dynamic batching users get from Ray Serve's `@serve.batch` or
+  LitServe — collect up to max batch requests or wait 0.1 s, split them into groups with
+  equal step counts, run each group to completion as one pipeline call. The comparison a
+  user would make, inside the project's own benchmark (issue 21);
 - `continuous`: the step-level engine.
 
 Each policy runs live, and the same trace is replayed (discrete events) on the step-cost
-table measured at the start of the run, because these machines drift ±10–15 %. Ratios
-are taken from the replay. `solo_vs_mixed_max_rel_diff` re-runs requests from the live
-continuous run alone and compares final latents.
+table measured at the start of the run, because these machines drift ±10–15 %. The replay
+ratios are the design's figures; the live rows against `peer` are the check that matters to
+a user. `--noise` runs a CPU-bound process on one core during the live runs (the cost table is
+still measured quietly, so the engine's seeded curve is wrong and must be re-learned online).
+`solo_vs_mixed_max_rel_diff` re-runs requests from the live continuous run alone and
+compares final latents.
 """
 
 from __future__ import annotations
@@ -25,7 +33,13 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from stepfleet.serving.bench.live import drive, isolated, serve_one_at_a_time
+from stepfleet.serving.bench.live import (
+    cpu_noise,
+    drive,
+    isolated,
+    serve_dynamic_batches,
+    serve_one_at_a_time,
+)
 from stepfleet.serving.bench.replay import CostTable, fifo_capacity_rps, replay_engine, replay_fifo
 from stepfleet.serving.bench.trace import (
     SCHEDULER_MIX,
@@ -44,8 +58,9 @@ if TYPE_CHECKING:
     from stepfleet.serving.loading import LoadedModel
     from stepfleet.serving.runner import ModelRunner
 
-LOADS = (0.7, 0.9, 1.1)
-POLICIES = ("fifo", "static", "continuous")
+LOADS = (0.7, 0.9, 1.1, 1.2, 2.0)
+LIVE_LOADS = (0.7, 1.2, 2.0)
+POLICIES = ("fifo", "static", "peer", "continuous")
 
 
 @dataclass(frozen=True)
@@ -61,8 +76,12 @@ class BenchConfig:
     seed: int = 7
     live_requests: int = 40
     replay_requests: int = 2000
-    live_loads: tuple[float, ...] = LOADS
+    live_loads: tuple[float, ...] = LIVE_LOADS
     solo_checks: int = 4
+    #: A CPU-bound competing process on one core during the live runs.
+    noise: bool = False
+    #: The peer's batch wait (Ray Serve's `batch_wait_timeout_s`, LitServe's `batch_timeout`).
+    peer_wait_s: float = 0.1
 
 
 def _params(r: TraceRequest, cfg: BenchConfig) -> GenerationParams:
@@ -145,6 +164,32 @@ def run_live_fifo(model: LoadedModel, trace: Sequence[TraceRequest], cfg: BenchC
         pipe.scheduler = base
 
 
+def run_live_peer(model: LoadedModel, trace: Sequence[TraceRequest], cfg: BenchConfig) -> dict[str, float]:
+    """Ray Serve / LitServe-style dynamic batching around the plain pipeline (see the module docstring).
+
+    A group is one pipeline call, so it shares one step count and one scheduler: like a user's
+    deployment, the call uses the pipeline's scheduler of the group's first request (per-step
+    scheduler arithmetic is negligible next to the UNet, so timing is not flattered either way).
+    """
+    import torch
+
+    from stepfleet.serving.schedulers import make_scheduler
+
+    pipe = model.pipeline
+    base = pipe.scheduler
+
+    def run_group(group: list[TraceRequest]) -> None:
+        first = group[0]
+        pipe.scheduler = make_scheduler(first.scheduler, base.config, type(base))
+        pipe([r.prompt for r in group], height=cfg.size, width=cfg.size, num_inference_steps=first.steps,
+             guidance_scale=cfg.guidance_scale, generator=[torch.Generator().manual_seed(r.seed) for r in group])
+
+    try:
+        return serve_dynamic_batches(trace, run_group, lambda r: r.steps, cfg.max_batch, cfg.peer_wait_s)
+    finally:
+        pipe.scheduler = base
+
+
 def run_live_engine(
     runner: ModelRunner, trace: Sequence[TraceRequest], cfg: BenchConfig, policy: str, table: CostTable,
     keep_latents: bool = False,
@@ -161,7 +206,11 @@ def run_live_engine(
     engine.stop(drain=True)
     arrivals = [req.arrival for _, req in submitted]
     finishes = [req.arrival + res.total_s for (_, req), (_, res) in zip(submitted, results, strict=True)]
-    return latency_stats(arrivals, finishes), results
+    stats: dict[str, Any] = dict(latency_stats(arrivals, finishes))
+    b = engine.batching()  # how the run ended: the rule, the cap, the learned curve
+    stats["batching"] = {"mode": b.mode, "cap_images": b.cap_images, "reason": b.reason,
+                         "step_s_by_unet_rows": {k: {str(r): s for r, s in c.items()} for k, c in b.curves.items()}}
+    return stats, results
 
 
 def solo_vs_mixed(runner: ModelRunner, results: Sequence[tuple[TraceRequest, EngineResult]], cfg: BenchConfig) -> float:
@@ -201,7 +250,7 @@ def run(cfg: BenchConfig, quick: bool, log=lambda msg: print(msg, file=sys.stder
     shape = runner.latent_shape(cfg.size, cfg.size)
     loads_out = []
     solo_diff = None
-    for load in LOADS:
+    for load in sorted(set(LOADS) | set(cfg.live_loads)):
         entry: dict[str, Any] = {"load": load, "rate_rps": load * cap}
         long_trace = poisson_trace(load * cap, cfg.replay_requests, seed=cfg.seed)
         entry["replay"] = {
@@ -212,14 +261,23 @@ def run(cfg: BenchConfig, quick: bool, log=lambda msg: print(msg, file=sys.stder
         if load in cfg.live_loads:
             trace = poisson_trace(load * cap, cfg.live_requests, seed=cfg.seed)
             live: dict[str, Any] = {}
-            log(f"load {load}: live fifo ({len(trace)} requests) ...")
-            live["fifo"] = run_live_fifo(model, trace, cfg)
-            log(f"load {load}: live static ...")
-            live["static"], _ = run_live_engine(runner, trace, cfg, "static", table)
-            log(f"load {load}: live continuous ...")
-            live["continuous"], results = run_live_engine(runner, trace, cfg, "continuous", table,
-                                                            keep_latents=True)
+            with cpu_noise(cfg.noise):
+                log(f"load {load}: live fifo ({len(trace)} requests{', noise' if cfg.noise else ''}) ...")
+                live["fifo"] = run_live_fifo(model, trace, cfg)
+                log(f"load {load}: live static ...")
+                live["static"], _ = run_live_engine(runner, trace, cfg, "static", table)
+                log(f"load {load}: live peer (Ray Serve / LitServe dynamic batching) ...")
+                live["peer"] = run_live_peer(model, trace, cfg)
+                log(f"load {load}: live continuous ...")
+                live["continuous"], results = run_live_engine(runner, trace, cfg, "continuous", table,
+                                                                keep_latents=True)
             entry["live"] = live
+            cont, peer = live["continuous"], live["peer"]
+            entry["live_vs_peer"] = {
+                "mean": cont["mean_s"] / peer["mean_s"],
+                "p95": cont["p95_s"] / peer["p95_s"],
+                "throughput": cont["throughput_rps"] / peer["throughput_rps"],
+            }
             if solo_diff is None:
                 solo_diff = isolated(partial(solo_vs_mixed, runner, results, cfg))
         loads_out.append(entry)
@@ -231,6 +289,7 @@ def run(cfg: BenchConfig, quick: bool, log=lambda msg: print(msg, file=sys.stder
     r09, r11 = at(0.9), at(1.1)
     sat_fifo = replay_fifo(saturated, table)
     sat_cont = replay_engine(saturated, table, continuous, rows, cfg.slo_scale, shape)
+    limit = batching_limit_rps(table, STEP_MIX, cfg.max_batch, rows)
     out = {
         "benchmark": "engine",
         "model": cfg.model,
@@ -240,6 +299,7 @@ def run(cfg: BenchConfig, quick: bool, log=lambda msg: print(msg, file=sys.stder
         "size": f"{cfg.size}x{cfg.size}",
         "max_batch": cfg.max_batch,
         "quick": quick,
+        "noise": cfg.noise,
         "cost_table": {
             "step_s_by_unet_rows": {str(k): v for k, v in sorted(table.step_s_by_rows.items())},
             "encode_s": table.encode_s,
@@ -248,6 +308,7 @@ def run(cfg: BenchConfig, quick: bool, log=lambda msg: print(msg, file=sys.stder
             "fifo_overhead_s": table.fifo_overhead_s,
         },
         "fifo_capacity_rps": cap,
+        "batching_limit_rps": limit,
         "loads": loads_out,
         "ratios": {
             "continuous_vs_fifo_mean_latency_at_0.9": r09["continuous"]["mean_s"] / r09["fifo"]["mean_s"],
@@ -256,24 +317,48 @@ def run(cfg: BenchConfig, quick: bool, log=lambda msg: print(msg, file=sys.stder
             "continuous_vs_fifo_throughput_at_1.1": r11["continuous"]["throughput_rps"] / r11["fifo"]["throughput_rps"],
             # Offered load 1.1 caps the ratio above at ~1.1; this is the capacity ratio at saturation (3x).
             "continuous_vs_fifo_throughput_saturated": sat_cont["throughput_rps"] / sat_fifo["throughput_rps"],
+            # What full batches could serve at best, encode and decode included (see `batching_limit_rps`).
+            "continuous_saturated_vs_batching_limit": sat_cont["throughput_rps"] / limit,
         },
+        # Live, continuous / peer: mean and p95 should be <= 1, throughput >= 1 at loads 1.2 and 2.0.
+        "live_vs_peer": {str(e["load"]): e["live_vs_peer"] for e in loads_out if "live_vs_peer" in e},
         "solo_vs_mixed_max_rel_diff": solo_diff,
         "wall_s": time.monotonic() - t_start,
     }
     return out
 
 
+def batching_limit_rps(table: CostTable, step_mix: Sequence[int], max_batch: int, rows_per_image: int) -> float:
+    """Requests per second with every step at the measured curve's cheapest batch: the device's batching limit.
+
+    The cheapest step per image is usually the full batch, but on a CPU a smaller one can be
+    (6 UNet rows cost less per row than 8 in one run). Encoding and decoding are charged per
+    request, serialised with the steps, as the replay charges them; a policy's saturated
+    throughput is judged against this.
+    """
+    per_image = min(table.step_s_by_rows[r] / (r // rows_per_image) for r in table.step_s_by_rows
+                    if rows_per_image <= r <= max_batch * rows_per_image)
+    mean_steps = sum(step_mix) / len(step_mix)
+    return 1.0 / (mean_steps * per_image + table.encode_s + table.decode_s)
+
+
 def summary(result: dict[str, Any]) -> str:
     lines = [f"engine benchmark: {result['model']} on {result['device']} ({result['dtype']}), {result['size']}, "
-             f"max batch {result['max_batch']}, fifo capacity {result['fifo_capacity_rps']:.3f} req/s"]
+             f"max batch {result['max_batch']}, fifo capacity {result['fifo_capacity_rps']:.3f} req/s, "
+             f"batching limit {result['batching_limit_rps']:.3f} req/s{', noise' if result['noise'] else ''}"]
     for e in result["loads"]:
         for kind in ("live", "replay"):
             if kind not in e:
                 continue
             cells = "  ".join(
                 f"{p}: mean {e[kind][p]['mean_s']:.2f}s p95 {e[kind][p]['p95_s']:.2f}s "
-                f"thr {e[kind][p]['throughput_rps']:.3f}/s" for p in POLICIES)
+                f"thr {e[kind][p]['throughput_rps']:.3f}/s" for p in POLICIES if p in e[kind])
             lines.append(f"  load {e['load']:.1f} {kind:6s} {cells}")
+            if kind == "live":
+                b = e["live"]["continuous"]["batching"]
+                lines.append(f"           continuous ended in {b['mode']} sizing, cap {b['cap_images']} images; "
+                             f"vs peer: mean {e['live_vs_peer']['mean']:.2f}x p95 {e['live_vs_peer']['p95']:.2f}x "
+                             f"thr {e['live_vs_peer']['throughput']:.2f}x")
     for k, v in result["ratios"].items():
         lines.append(f"  {k}: {v:.3f}")
     lines.append(f"  solo_vs_mixed_max_rel_diff: {result['solo_vs_mixed_max_rel_diff']}")

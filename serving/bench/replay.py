@@ -66,17 +66,23 @@ def replay_engine(
     slo_scale: float = 4.0,
     shape: tuple[int, int, int] = (4, 32, 32),
 ) -> dict[str, float]:
-    """Simulate the step loop under `config` (continuous or static) on the measured costs."""
-    cost = table.cost_model(shape)
+    """Simulate the step loop under `config` (continuous or static) on the measured costs.
+
+    The planner's cost model starts from the table as a calibrated worker's does and learns from
+    every simulated step, as the live engine's does; the steps' true durations come from a
+    separate copy of the table, so learning cannot feed back into the simulated clock.
+    """
+    truth = table.cost_model(shape)
     return simulate_step_loop(
         [(r.id, r.arrival_s, r.steps) for r in trace],
-        StepPlanner(config, cost),
+        StepPlanner(config, table.cost_model(shape)),
         encode_s=table.encode_s,
         decode_s=table.decode_s,
-        step_s=lambda batch: cost.step_seconds(shape, len(batch) * guidance_rows),
+        step_s=lambda batch: truth.step_seconds(shape, len(batch) * guidance_rows),
         shape=shape,
         unet_rows=guidance_rows,
         slo_scale=slo_scale,
+        learn=True,
     )
 
 
@@ -89,12 +95,14 @@ def simulate_step_loop(
     shape: tuple[int, int, int],
     unet_rows: int = 2,
     slo_scale: float = 4.0,
+    learn: bool = False,
 ) -> dict[str, float]:
     """The engine's step loop on simulated time: arrivals, one plan per step, retirements.
 
     `requests` are (id, arrival seconds, steps), one image each; `step_s(batch ids)` says how
     long one step of that batch takes. Encoding and decoding are charged to the same device,
-    serialised with the steps (conservative; see the module docstring).
+    serialised with the steps (conservative; see the module docstring). With `learn`, each
+    step's duration feeds the planner's cost model at simulated time, as the live engine's steps do.
     """
     pending = sorted(requests, key=lambda r: r[1])
     arrivals: dict[str, float] = {}
@@ -131,6 +139,8 @@ def simulate_step_loop(
         apply_plan(seqs, plan)
         seconds = step_s(plan.batch)
         now += seconds
+        if learn:
+            planner.cost.observe(shape, len(plan.batch) * unet_rows, seconds, at=now)
         for sid in update(seqs, plan, StepResult(stepped=plan.batch, seconds=seconds)).finished:
             now += decode_s
             finishes[sid] = now

@@ -44,4 +44,7 @@ async def load(state: State) -> dict[str, Any]:
     body: dict[str, Any] = {"ready": state.ready.is_set(), "pool": state.settings.pool}
     if state.engine is not None:
         body.update(state.engine.load())
+        b = state.engine.batching()  # how batches are sized now, and why (issue 21)
+        body["batching"] = {"mode": b.mode, "cap_images": b.cap_images, "cap_rows": b.cap_rows, "reason": b.reason,
+                            "step_s_by_unet_rows": {k: {str(r): s for r, s in c.items()} for k, c in b.curves.items()}}
     return body

@@ -202,7 +202,7 @@ def test_calibration_times_each_batch_size_on_the_loop_thread_and_sizes_batches(
         curve = e.calibrate(256, 256, guidance_scale=7.5, reps=2)
         assert sorted(curve) == [2, 4, 6]  # UNet rows: guidance doubles each image
         assert all(sec >= runner.step_s for sec in curve.values())
-        assert e.cost.calibrated[runner.latent_shape(256, 256)] == curve
+        assert e.cost.seeds(runner.latent_shape(256, 256)) == curve  # seeds the online estimate
         assert runner.threads["step"] == {e._thread.ident}
         # Requests still run normally afterwards.
         assert labels(e.generate(gp("after"), timeout=10)) == ["after#0"]

@@ -4,7 +4,16 @@ import math
 
 from stepfleet.serving.contracts import StepResult
 from stepfleet.serving.costmodel import StepCostModel
-from stepfleet.serving.planner import Phase, PlannerConfig, Seq, StepPlanner, apply_plan, update
+from stepfleet.serving.planner import (
+    Phase,
+    PlannerConfig,
+    Seq,
+    SizingMode,
+    StepPlanner,
+    apply_plan,
+    size_batch,
+    update,
+)
 
 SHAPE = (4, 32, 32)
 OTHER = (4, 64, 64)
@@ -151,17 +160,85 @@ def test_static_runs_partial_batch_after_timeout():
     assert p.plan([seq("a", 0)], now=1.5).batch == ("a",)
 
 
-def test_batch_held_where_measured_batching_stops_paying():
+def curve(points):
     cost = StepCostModel()
-    for rows, seconds in ((1, 0.10), (2, 0.12), (3, 0.18), (4, 0.24)):  # gain stops after 2 rows
+    for rows, seconds in points:
         for _ in range(cost.min_samples):
             cost.observe(SHAPE, rows, seconds)
-    p = StepPlanner(PlannerConfig(max_batch=4, min_batch_gain=0.05), cost)
-    plan = p.plan([seq(s, i) for i, s in enumerate("abcd")], now=5)
+    return cost
+
+
+#: Batching pays up to 2 rows; one more gains 3 % per row, the fourth 5 % more: latency-first
+#: sizing stops at 2, throughput-first sizing fills to 4.
+FLATTENING = ((1, 0.10), (2, 0.12), (3, 0.174), (4, 0.22))
+
+
+def test_idle_queue_keeps_the_batch_small_where_batching_stops_paying():
+    p = StepPlanner(PlannerConfig(max_batch=4, min_batch_gain=0.05), curve(FLATTENING))
+    plan = p.plan([seq(s, 5.0) for s in "abcd"], now=5.0)  # all just arrived: nothing queues yet
     assert plan.batch == ("a", "b")
-    assert any("batch held" in r for r in plan.reasons)
-    uncapped = StepPlanner(PlannerConfig(max_batch=4, min_batch_gain=0.0), cost)
-    assert uncapped.plan([seq(s, i) for i, s in enumerate("abcd")], now=5).batch == tuple("abcd")
+    assert plan.sizing.mode is SizingMode.LIGHT and plan.sizing.cap_rows == 2
+    assert any("batch held at 2 rows" in r for r in plan.reasons)
+    uncapped = StepPlanner(PlannerConfig(max_batch=4, min_batch_gain=0.0), curve(FLATTENING))
+    assert uncapped.plan([seq(s, 5.0) for s in "abcd"], now=5.0).batch == tuple("abcd")
+
+
+def test_backlog_takes_every_throughput_gain_up_to_max_batch():
+    p = StepPlanner(PlannerConfig(max_batch=4, min_batch_gain=0.05), curve(FLATTENING))
+    # `a` has waited 0.6 s, more than half of its 1.0 s solo service time: work is queueing.
+    plan = p.plan([seq(s, 4.4) for s in "abcd"], now=5.0)
+    assert plan.batch == tuple("abcd")
+    assert plan.sizing.mode is SizingMode.BACKLOG and plan.sizing.cap_images == 4
+    assert plan.reasons[0].startswith("backlog: a waited 0.60s")
+    # A running batch grows too: the next step admits the queue up to max_batch.
+    running = [seq(s, 4.4, phase=Phase.RUNNING, done=2) for s in "ab"]
+    assert p.plan([*running, seq("c", 4.4), seq("d", 4.4)], now=5.0).batch == tuple("abcd")
+
+
+def test_backlog_takes_no_batch_that_gains_nothing():
+    p = StepPlanner(PlannerConfig(max_batch=4), curve(((1, 0.10), (2, 0.12), (3, 0.18), (4, 0.24))))
+    plan = p.plan([seq(s, 0.0) for s in "abcd"], now=5.0)  # per row 60 ms from 2 rows on: no gain
+    assert plan.sizing.mode is SizingMode.BACKLOG and plan.batch == ("a", "b")
+
+
+#: A flat (accelerator-like) curve: bigger batches gain a lot of throughput, and cost little latency.
+FLAT = ((1, 0.10), (2, 0.11), (3, 0.12), (4, 0.13))
+
+
+def test_deadline_at_risk_gets_the_batch_that_finishes_it_soonest_even_a_smaller_one():
+    p = StepPlanner(PlannerConfig(max_batch=4), curve(FLAT))
+    # The backlog would fill the batch (1.3 s for 10 steps); `u` must finish within 1.05 s,
+    # which only a batch of its own does (1.0 s). The others wait a little longer.
+    urgent = seq("u", 0.0, deadline=5.0 + 1.05, explicit=True)
+    plan = p.plan([urgent, *(seq(s, 0.0) for s in "xyz")], now=5.0)
+    assert plan.batch == ("u",)
+    assert plan.sizing.mode is SizingMode.DEADLINE and plan.sizing.cap_rows == 1
+    assert "deadline: 1 explicit deadline(s) missed" in plan.sizing.why
+
+
+def test_deadlines_at_risk_get_a_bigger_batch_when_that_finishes_them_soonest():
+    cost = curve(((1, 0.10), (2, 0.19), (3, 0.28), (4, 0.30)))  # per row 100, 95, 93, 75 ms
+    p = StepPlanner(PlannerConfig(max_batch=4, min_batch_gain=0.05), cost)
+    # Just arrived, so nothing queues: the light rule stops at 2 rows (a third gains 2 %),
+    # which finishes them in pairs at 1.9 and 3.8 s. Four at once are all done at 3.0 s.
+    urgent = [seq(s, 5.0, deadline=5.0 + 3.1, explicit=True) for s in "abcd"]
+    plan = p.plan(urgent, now=5.0)
+    assert plan.batch == tuple("abcd")
+    assert plan.sizing.mode is SizingMode.DEADLINE and plan.sizing.cap_rows == 4
+    # Deadlines that every batch meets, or that none can save, leave the base rule in charge.
+    relaxed = [seq(s, 5.0, deadline=100.0, explicit=True) for s in "abcd"]
+    assert p.plan(relaxed, now=5.0).sizing.mode is SizingMode.LIGHT
+    hopeless = [seq(s, 5.0, deadline=5.5, explicit=True) for s in "abcd"]
+    assert p.plan(hopeless, now=5.0).sizing.mode is SizingMode.LIGHT
+
+
+def test_sizing_is_a_pure_function_of_the_queue():
+    cost = curve(FLATTENING)
+    cfg = PlannerConfig(max_batch=4)
+    queue = [seq(s, 4.4) for s in "abcd"]
+    assert size_batch([], queue, 5.0, cfg, cost) == size_batch([], queue, 5.0, cfg, cost)
+    assert size_batch([], queue, 4.5, cfg, cost).mode is SizingMode.LIGHT
+    assert size_batch([], queue, 5.0, cfg, cost).mode is SizingMode.BACKLOG
 
 
 def test_unmeasured_batch_sizes_are_explored():
