@@ -26,11 +26,12 @@ import torch.nn.functional as F
 DEFAULT_HALO = 1
 #: The halo for small latents (≤ `SMALL_LATENT` cells on a side), by measurement on the trained
 #: `mini-sd` (64×64 images, 16×16 latents; `stepfleet bench quality`, 8 recolouring edits of real
-#: scenes, masked SSIM of cached vs full compute): halo 1/2/3/4 gave 0.79/0.89/0.94/0.98 at mask
-#: ratio 0.1 and 0.76/0.94/0.98/1.0 at 0.25. Only 4 reaches 0.95 at both — by then two thirds of
-#: the finest level's tokens are recomputed, so on latents this small the cache keeps the
-#: template exact outside the mask and saves little compute. Random-weight models cannot show
-#: this (their outputs barely depend on the prompt), which is why `DEFAULT_HALO` was set on speed.
+#: scenes, mean masked SSIM of cached vs full compute): halo 1/2/3/4 gave 0.84/0.92/0.955/0.986 at
+#: mask ratio 0.1 and 0.82/0.95/0.987/1.0 at 0.25 (worst edits at halo 3: 0.86 and 0.95). 4 holds
+#: 0.95 with a margin — by then two thirds of the finest level's tokens are recomputed, so on
+#: latents this small the cache keeps the template exact outside the mask and saves little
+#: compute. Random-weight models cannot show this (their outputs barely depend on the prompt),
+#: which is why `DEFAULT_HALO` was set on speed.
 SMALL_LATENT = 16
 SMALL_LATENT_HALO = 4
 
