@@ -66,5 +66,21 @@ if [ ! -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ] && [ -z 
   fi
 fi
 
+# Chromium (Debian's package, /usr/bin/chromium): the browser the playground page's test drives
+# through Playwright (`playwright install` cannot download browsers on these machines).
+if [ ! -x /usr/bin/chromium ]; then
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO=$(command -v sudo || true)
+  if command -v apt-get >/dev/null 2>&1 && { [ "$(id -u)" -eq 0 ] || [ -n "$SUDO" ]; }; then
+    echo "fetch-tools: installing Debian's chromium" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    $SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 \
+      || { $SUDO apt-get update -qq >/dev/null && $SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null; } \
+      || echo "fetch-tools: apt-get install chromium failed" >&2
+  else
+    echo "fetch-tools: chromium missing and apt-get (as root) unavailable" >&2
+  fi
+fi
+
 # Never fail the build here: under CI the tests that need a missing tool fail and say why.
 exit 0
