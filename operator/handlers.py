@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from stepfleet.operator import conditions as cond
 from stepfleet.operator import kube, loop, names, reconcile
+from stepfleet.operator.loop.alarms import LossWatch
 from stepfleet.operator.loop.metrics import LoopMetrics
 from stepfleet.operator.models import API_GROUP, API_VERSION, PLURAL, NetworkPeer
 
@@ -140,17 +141,25 @@ def register(
         meta = body["metadata"]
         gauges.forget(meta["namespace"], meta["name"])  # kopf stops the loop's timer on deletion
 
+    losses = LossWatch()
     loop.register(
-        registry, client, tick_s=config.loop_tick_s, http_timeout_s=config.loop_http_timeout_s, metrics=gauges
+        registry, client, tick_s=config.loop_tick_s, http_timeout_s=config.loop_http_timeout_s, metrics=gauges,
+        losses=losses,
     )
 
     @kopf.on.event("apps", "v1", "deployments", labels={names.LABEL_MANAGED_BY: names.MANAGED_BY}, registry=registry)
-    def deployment_changed(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
-        """Keep ready counts in status current as replicas come and go (best effort)."""
+    def deployment_changed(body: kopf.Body, event: dict[str, Any], logger: logging.Logger, **_: Any) -> None:
+        """Keep ready counts in status current as replicas come and go (best effort), and wake
+        the control loop when a pool loses ready replicas (`loop.alarms`)."""
         service = (body.get("metadata", {}).get("labels") or {}).get(names.LABEL_SERVICE)
         namespace = body.get("metadata", {}).get("namespace")
         if not service or not namespace:
             return
+        if event.get("type") == "DELETED":
+            losses.forget(body)
+        elif losses.observe((namespace, service), body):
+            logger.info("%s lost ready replicas: the control loop of %s/%s runs now",
+                        body.get("metadata", {}).get("name"), namespace, service)
         try:
             reconcile.refresh_status(client(), namespace, service, now=_now())
         except kube.ApiError as exc:

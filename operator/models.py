@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 from stepfleet.serving.backbones import FAMILIES
+from stepfleet.serving.controlnet import BUILTIN_BASES, KINDS, PLACEMENTS
 
 API_GROUP = "stepfleet.io"
 API_VERSION = "v1alpha1"
@@ -37,6 +38,9 @@ MAX_POOLS = 16
 #: Families a worker has a backbone for (the data plane's list, torch-free to import).
 Family = Literal[FAMILIES]  # type: ignore[valid-type]
 AcceleratorType = Literal["nvidia-gpu", "aws-neuron", "google-tpu", "cpu"]
+#: Where workers run ControlNets, and what one reads (the data plane's lists, torch-free to import).
+ControlNetPlacement = Literal[PLACEMENTS]  # type: ignore[valid-type]
+ControlNetKind = Literal[KINDS]  # type: ignore[valid-type]
 Mode = Literal["auto", "cost", "capacity"]
 #: Kubernetes quantities ("2", "500m", "16Gi") arrive as int or string.
 Quantity = int | str
@@ -87,6 +91,14 @@ class SLOSpec(_Model):
 
     latency_seconds: float = Field(gt=0, le=3600, description="End-to-end latency target per image, seconds.")
     percentile: float = Field(default=95.0, gt=0, lt=100, description="Percentile the target applies to.")
+    image: float | None = Field(
+        default=None, gt=0, le=3600,
+        description="Deadline of one image request at a worker, seconds (per-kind SLO; the planner pauses "
+                    "videos for images that would miss it). Unset: 4x the request's own solo service time.")
+    video: float | None = Field(
+        default=None, gt=0, le=86400,
+        description="Deadline of one video job at a worker, seconds (per-kind SLO). Unset: 4x its solo "
+                    "service time.")
 
 
 class AcceleratorSpec(_Model):
@@ -236,6 +248,9 @@ class PoolSpec(_Model):
         default=None, gt=0, description="Measured images per second one replica sustains at the SLO, if known."
     )
     max_batch: int | None = Field(default=None, ge=1, le=256, description="Overrides serving.maxBatch for this pool.")
+    controlnet_placement: ControlNetPlacement | None = Field(
+        default=None, description="Overrides serving.controlnetPlacement for this pool."
+    )
     node_pool: NodePoolSpec | None = Field(default=None, description="Create a Karpenter NodePool for this pool.")
     failure_domain: str | None = Field(
         default=None,
@@ -276,6 +291,45 @@ class ServingSpec(_Model):
     template_cache_bytes: int = Field(
         default=1 << 30, ge=0, description="Activation-cache budget per worker, bytes. Default: 1 GiB."
     )
+    controlnet_placement: ControlNetPlacement = Field(
+        default="inline",
+        description=(
+            "Where workers run ControlNets: inline on the step loop (CPU pools), or overlap (an executor beside the "
+            "loop computes each request's next residuals ahead; see docs/controlnet.md). Default: inline."
+        ),
+    )
+    max_controlnets: int = Field(default=2, ge=1, le=8, description="ControlNets one request may name. Default: 2.")
+
+
+class ControlNetSpec(_Model):
+    """A ControlNet requests may name (`controlnet: [{"name": ...}]`); every pool's workers load it."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$", description="What requests call it.")]
+    source: str = Field(
+        pattern=r"^(builtin://[a-z0-9-]+|hf://[A-Za-z0-9][-A-Za-z0-9_.]*/[-A-Za-z0-9_.]+)$", max_length=256,
+        description="builtin://tiny-controlnet (or tiny-controlnet-sdxl) or hf://ORG/NAME.",
+    )
+    kind: ControlNetKind = Field(default="other", description="What it was trained on (informational).")
+
+    def worker_source(self) -> str:
+        """The worker's `--controlnets` source: the built-in's name or the hub id."""
+        return self.source.split("://", 1)[1]
+
+
+class AdapterSpec(_Model):
+    """A LoRA adapter every worker registers at start (requests name it in `lora`); see docs/adapters.md."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$", description="What requests call it.")]
+    source: str = Field(
+        pattern=r"^(hf://[A-Za-z0-9][-A-Za-z0-9_.]*/[-A-Za-z0-9_.]+(/[-A-Za-z0-9_.]+)*|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+                r"(/[-A-Za-z0-9_.]+)+)$",
+        max_length=512,
+        description=(
+            "hf://ORG/NAME[/FILE] (default file pytorch_lora_weights.safetensors), or pvc://CLAIM/PATH on the "
+            "model's claim (mounted read-only beside the model)."
+        ),
+    )
+    preload: bool = Field(default=False, description="Load it onto the device before a worker reports ready.")
 
 
 #: A Secret's name (a DNS subdomain) and a key in it.
@@ -320,7 +374,8 @@ class SecuritySpec(_Model):
         description=(
             "Secret holding the token the router sends to workers (key default `token`); workers answer 401 to "
             "any other caller except on /healthz, /readyz and /metrics. Mounted into the router and every "
-            "worker; read at start, so a new token takes a rollout. Unset: workers rely on the NetworkPolicy."
+            "worker; re-read when it changes (several lines: send the first, accept any, for rotation without a "
+            "rollout). Unset: workers rely on the NetworkPolicy."
         ),
     )
     network_policy: bool = Field(
@@ -429,6 +484,42 @@ class DiffusionServiceSpec(_Model):
     serving: ServingSpec = Field(default_factory=ServingSpec)
     control_loop: ControlLoopSpec = Field(default_factory=ControlLoopSpec)
     security: SecuritySpec = Field(default_factory=SecuritySpec)
+    controlnets: list[ControlNetSpec] = Field(default_factory=list, max_length=16, description=(
+        "ControlNets requests may use (GET /v1/controlnets lists them); each must fit the model's family."))
+    adapters: list[AdapterSpec] = Field(default_factory=list, max_length=64, description=(
+        "LoRA adapters every worker registers at start (more can be added with POST /v1/adapters); each is "
+        "checked against the model when loaded."))
+
+    @model_validator(mode="after")
+    def _adapters_fit(self) -> DiffusionServiceSpec:
+        names = [a.name for a in self.adapters]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"adapter names must be unique; repeated: {', '.join(dupes)}")
+        claim = self.model.source.removeprefix("pvc://").split("/")[0] if self.model.source.startswith("pvc://") \
+            else None
+        for a in self.adapters:
+            if a.source.startswith("pvc://") and a.source.removeprefix("pvc://").split("/")[0] != claim:
+                raise ValueError(f"adapter {a.name!r}: a pvc:// adapter must be on the model's claim "
+                                 f"({claim or 'the model is not on a claim'}), which workers mount")
+        return self
+
+    @model_validator(mode="after")
+    def _unique_controlnet_names(self) -> DiffusionServiceSpec:
+        names = [c.name for c in self.controlnets]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"controlnet names must be unique; repeated: {', '.join(dupes)}")
+        for c in self.controlnets:  # a built-in net fits only its built-in model (a worker would fail to load)
+            if c.source.startswith("builtin://"):
+                net = c.worker_source()
+                base = BUILTIN_BASES.get(net)
+                if base is None:
+                    raise ValueError(f"controlnet {c.name}: unknown built-in {net!r} "
+                                     f"(known: {', '.join(sorted(BUILTIN_BASES))})")
+                if self.model.source != f"builtin://{base}":
+                    raise ValueError(f"controlnet {c.name}: builtin://{net} fits only the model builtin://{base}")
+        return self
 
     @model_validator(mode="after")
     def _unique_pool_names(self) -> DiffusionServiceSpec:

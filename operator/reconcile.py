@@ -56,15 +56,17 @@ def observe(
         if dep is not None and dep.get("spec", {}).get("replicas") is not None:
             replicas[pool.name] = int(dep["spec"]["replicas"])
     weights: dict[str, float] = {}
+    control: dict[str, Any] | None = None
     cm = client.get(kube.CONFIGMAP, owner.namespace, names.router(owner.name))
     if cm is not None:
         try:
             cfg = router.parse_config((cm.get("data") or {}).get(names.ROUTER_CONFIG_KEY, ""))
             weights = {p["name"]: float(p["weight"]) for p in cfg.get("pools", [])}
+            control = cfg["control"] if isinstance(cfg.get("control"), dict) else None
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("ignoring unreadable router config of %s/%s: %s", owner.namespace, owner.name, exc)
-    return Observed(replicas=replicas, weights=weights, servicemonitor_available=client.serves(kube.SERVICEMONITOR),
-                    metrics_peers=metrics_peers)
+    return Observed(replicas=replicas, weights=weights, control=control,
+                    servicemonitor_available=client.serves(kube.SERVICEMONITOR), metrics_peers=metrics_peers)
 
 
 def _owned(obj: Mapping[str, Any], owner: Owner) -> bool:

@@ -27,28 +27,34 @@ from fastapi import FastAPI
 
 from stepfleet.serving.engine import Engine, EngineConfig
 from stepfleet.serving.errors import install_error_handlers
+from stepfleet.serving.http import adapters as adapter_routes
+from stepfleet.serving.http import controlnets as controlnet_routes
 from stepfleet.serving.http import edits as edit_routes
-from stepfleet.serving.http import generations, health, metrics, templates
+from stepfleet.serving.http import generations, health, metrics, templates, videos
 from stepfleet.serving.http.openapi import document_limits
 from stepfleet.serving.http.state import WorkerState
 from stepfleet.serving.http.uploads import set_pixel_limit
 from stepfleet.serving.middleware import RequestIdMiddleware
 from stepfleet.serving.params import GenerationParams
 from stepfleet.serving.settings import WorkerSettings
-from stepfleet.serving.worker_auth import WorkerAuthMiddleware, load_token
+from stepfleet.serving.worker_auth import TokenFile, WorkerAuthMiddleware
 
 if TYPE_CHECKING:
+    from stepfleet.serving.adapters.registry import AdapterRegistry
     from stepfleet.serving.edits.extension import EditExtension
     from stepfleet.serving.edits.service import TemplateService
+    from stepfleet.serving.videos.service import VideoService
 
 log = logging.getLogger(__name__)
 
 #: One router per concern, in the order /openapi.json lists them.
-ROUTERS = (generations.router, edit_routes.router, templates.router, health.router, metrics.router)
+ROUTERS = (generations.router, edit_routes.router, templates.router, adapter_routes.router, controlnet_routes.router,
+           videos.router, health.router, metrics.router)
 
 
 def create_app(
-    settings: WorkerSettings | None = None, engine: Engine | None = None, edits: EditExtension | None = None
+    settings: WorkerSettings | None = None, engine: Engine | None = None, edits: EditExtension | None = None,
+    adapters: AdapterRegistry | None = None,
 ) -> FastAPI:
     """The worker app; with `engine`, serve it (edits only when `edits`, the extension its runner
     has, is given too), else load the model the settings name."""
@@ -58,7 +64,9 @@ def create_app(
     state = WorkerState.create(settings, engine.config.max_batch if engine is not None else settings.max_batch)
     if engine is not None:
         state.use(engine, _template_service(engine, edits), engine.runner.default_size)
+        state.adapters = adapters  # the registry of the given runner's LoraExtension, if any
     owned = ExitStack()  # what this app loaded and closes at shutdown
+    state.videos = _video_service(settings, owned)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -75,9 +83,9 @@ def create_app(
     app = FastAPI(title="stepfleet worker", version="0.1.0", lifespan=lifespan)
     app.state.worker = state
     install_error_handlers(app, on_invalid=state.count_invalid)
-    token = load_token(settings.worker_token_file)
-    if token is not None:
-        app.add_middleware(WorkerAuthMiddleware, token=token)
+    tokens = TokenFile(settings.worker_token_file)
+    if tokens.enabled:
+        app.add_middleware(WorkerAuthMiddleware, tokens=tokens)
     app.add_middleware(RequestIdMiddleware, extra_headers=state.load_headers)  # outermost: ids on 401s too
     for router in ROUTERS:
         app.include_router(router)
@@ -90,6 +98,25 @@ def create_app(
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def _video_service(settings: WorkerSettings, owned: ExitStack) -> VideoService:
+    """Video jobs in `--video-dir` (kept across restarts), else in a temporary directory removed at exit."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from stepfleet.serving.videos.service import VideoService
+
+    if settings.video_dir:
+        directory = Path(settings.video_dir)
+    else:
+        directory = Path(tempfile.mkdtemp(prefix="stepfleet-videos-"))
+        owned.callback(shutil.rmtree, directory, True)
+    service = VideoService(directory, max_jobs=settings.video_max_jobs, ttl_s=settings.video_ttl_s,
+                           content_bytes=settings.video_content_bytes)
+    owned.callback(service.close)
+    return service
 
 
 def _template_service(engine: Engine, edits: EditExtension | None) -> TemplateService | None:
@@ -142,8 +169,22 @@ def _load(state: WorkerState, owned: ExitStack) -> None:
         owned.callback(edits.close)
     except NotImplementedError as exc:  # a family or denoiser that masked compute does not know
         log.warning("edits disabled: %s", exc)
-    runner = ModelRunner(backbone, extensions=[edits] if edits is not None else [])
+    from stepfleet.serving.adapters.worker import build_adapters
+
+    adapters = build_adapters(s, backbone, state.metrics.registry)
+    if adapters is not None:
+        owned.callback(adapters[0].close)
+        owned.callback(adapters[1].close)
+    lora = [adapters[1]] if adapters is not None else []
+    from stepfleet.serving.controlnet.worker import build_controlnets
+
+    control = build_controlnets(s, backbone)
+    if control is not None:
+        owned.callback(control.close)
+    runner = ModelRunner(backbone, extensions=([edits] if edits is not None else []) + lora
+                         + ([control] if control is not None else []))
     config = EngineConfig(max_batch=s.max_batch, max_queue=s.max_queue, preemption=s.preemption, policy=s.policy,
-                          slo_scale=s.slo_scale, aux=s.aux)
+                          slo_scale=s.slo_scale, aux=s.aux, slo_image_s=s.slo_image_s, slo_video_s=s.slo_video_s)
     engine = Engine(runner, config)
     state.use(engine, _template_service(engine, edits), runner.default_size)
+    state.adapters = adapters[0] if adapters is not None else None

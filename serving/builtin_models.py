@@ -44,6 +44,10 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from stepfleet.serving.builtin_dit import DIT_BUILTINS, DIT_VERSION  # torch-free names
+from stepfleet.serving.builtin_video import VIDEO_BUILTINS, VIDEO_VERSION  # torch-free names
+from stepfleet.serving.controlnet import BUILTIN_CONTROLNETS  # torch-free names
+
 TINY_SD = "tiny-sd"
 SD15_RANDOM = "sd15-random"
 TINY_SDXL = "tiny-sdxl"
@@ -62,6 +66,8 @@ BUILTIN_VERSIONS: dict[str, str] = {
     SD15_RANDOM: TINY_SD_VERSION,
     TINY_SDXL: TINY_SDXL_VERSION,
     SDXL_RANDOM: TINY_SDXL_VERSION,
+    **{name: DIT_VERSION for name in DIT_BUILTINS},  # tiny-sd3, sd3-random, tiny-flux, flux-random
+    **{name: VIDEO_VERSION for name in VIDEO_BUILTINS},  # tiny-wan, wan-random
 }
 
 #: SDXL base 1.0's `scheduler/scheduler_config.json`, verbatim: the keys Euler does not use
@@ -147,6 +153,12 @@ def build_sd15_random(out_dir: str | os.PathLike[str]) -> Path:
 def build_tiny_sdxl(out_dir: str | os.PathLike[str]) -> Path:
     """Build the tiny SDXL pipeline with a fixed seed and `save_pretrained` it to `out_dir`."""
     return build_builtin(out_dir, TINY_SDXL)
+
+
+def unet_config(name: str) -> dict:
+    """The UNet config of an SD-1.x-family built-in (e.g. to count a real architecture's work on the
+    meta device without building its weights)."""
+    return dict(_configs(name)["unet"])
 
 
 def _configs(name: str) -> dict[str, dict]:
@@ -297,6 +309,24 @@ def build_builtin(out_dir: str | os.PathLike[str], name: str) -> Path:
 
         shutil.copytree(TRAINED_BUILTINS[name], out_dir, dirs_exist_ok=True)
         return Path(out_dir)
+    if name in VIDEO_BUILTINS:  # Wan: `builtin_video`
+        from stepfleet.serving.builtin_video import build as build_video
+
+        out = Path(out_dir)
+        build_video(out, name)
+        (out / "stepfleet_model.json").write_text(
+            json.dumps({"name": name, "version": BUILTIN_VERSIONS[name], "seed": TINY_SD_SEED})
+        )
+        return out
+    if name in DIT_BUILTINS:  # SD3 and Flux: `builtin_dit`
+        from stepfleet.serving.builtin_dit import build as build_dit
+
+        out = Path(out_dir)
+        build_dit(out, name)
+        (out / "stepfleet_model.json").write_text(
+            json.dumps({"name": name, "version": BUILTIN_VERSIONS[name], "seed": TINY_SD_SEED})
+        )
+        return out
     if name in (TINY_SDXL, SDXL_RANDOM):
         out = Path(out_dir)
         _build_sdxl(out, name)
@@ -374,6 +404,10 @@ def ensure_builtin(name: str = TINY_SD, cache_dir: str | os.PathLike[str] | None
         if not (path / "model_index.json").is_file():
             raise FileNotFoundError(f"built-in {name!r} is missing its files in {path} (a broken install?)")
         return path
+    if name in BUILTIN_CONTROLNETS:  # add-ons, not pipelines: built by their own room
+        from stepfleet.serving.controlnet.builtins import ensure_controlnet
+
+        return ensure_controlnet(name, cache_dir)
     base = Path(cache_dir) if cache_dir else default_cache_dir()
     if name not in BUILTIN_VERSIONS:
         raise ValueError(f"unknown built-in model {name!r}; choose one of {', '.join(BUILTIN_MODELS)}")
@@ -392,4 +426,5 @@ def ensure_builtin(name: str = TINY_SD, cache_dir: str | os.PathLike[str] | None
     return target
 
 
-BUILTIN_MODELS: tuple[str, ...] = (MINI_SD, TINY_SD, SD15_RANDOM, TINY_SDXL, SDXL_RANDOM)
+BUILTIN_MODELS: tuple[str, ...] = (MINI_SD, TINY_SD, SD15_RANDOM, TINY_SDXL, SDXL_RANDOM, *DIT_BUILTINS,
+                                 *VIDEO_BUILTINS)

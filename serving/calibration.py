@@ -43,7 +43,7 @@ def step_curve(
     guidance_scale: float,
     max_images: int,
     reps: int = 3,
-    schedulers: Sequence[str] = ("ddim",),
+    schedulers: Sequence[str | None] = (None,),  # None: the model's own (DDIM would not fit SD3 or Flux)
 ) -> dict[int, float]:
     """Seconds of one denoising step by UNet rows, for batches of 1..`max_images` one-image requests.
 
@@ -61,7 +61,7 @@ def curve_steps(
     guidance_scale: float,
     max_images: int,
     reps: int,
-    schedulers: Sequence[str] = ("ddim",),
+    schedulers: Sequence[str | None] = (None,),  # None: the model's own (DDIM would not fit SD3 or Flux)
 ) -> dict[int, Callable[[], Any]]:
     """UNet rows -> one step of a warmed batch of that many one-image requests (good for `reps` calls).
 
@@ -69,17 +69,18 @@ def curve_steps(
     through `schedulers`, since per-request scheduler work is part of a step). Callers that
     time other work too interleave it with these in one `interleaved_min`, so drift hits both.
     """
-    rows_per_image = 2 if guidance_scale > 1 else 1
     batches: dict[int, list[S]] = {}
     for k in range(1, max_images + 1):
-        batch = [
+        prepared = [
             runner.prepare(
                 GenerationParams(prompt=f"calibrate {i}", width=width, height=height, num_inference_steps=reps + 100,
                                  scheduler=schedulers[i % len(schedulers)], guidance_scale=guidance_scale),
                 seed=i,
-            ).state
+            )
             for i in range(k)
         ]
+        batch = [p.state for p in prepared]
         runner.step(batch)  # the first call of a size pays for allocation
-        batches[k * rows_per_image] = batch
+        # Rows as the runner counts them (a family without guidance rows, Flux, has one per image).
+        batches[sum(p.unet_rows for p in prepared)] = batch
     return {rows: partial(runner.step, batch) for rows, batch in batches.items()}

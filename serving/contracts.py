@@ -31,8 +31,9 @@ if TYPE_CHECKING:
 
     ImageBatch = list[Image.Image] | np.ndarray
 
-#: A latent's (channels, height, width): requests batch together only when theirs match.
-Shape = tuple[int, int, int]
+#: A latent's (channels, height, width), or (channels, frames, height, width) for a video:
+#: requests batch together only when theirs match (the engine uses it only as a hashable key).
+Shape = tuple[int, ...]
 
 S = TypeVar("S")
 
@@ -107,4 +108,5 @@ class RequestKind(str, enum.Enum):
     GENERATION = "generation"
     EDIT = "edit"
     TEMPLATE = "template"  # a template's RECORD run
+    VIDEO = "video"  # a job of the Videos API (`serving.videos`)
     WARMUP = "warmup"

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from stepfleet.serving.auxwork import AuxWork, resolve_aux_mode
 from stepfleet.serving.contracts import Decoded, EditPath, Prepared, RequestKind, Runner, StepResult
+from stepfleet.serving.coschedule import CoScheduleConfig
 from stepfleet.serving.costmodel import StepCostModel, cost_key, key_label
 from stepfleet.serving.params import GenerationParams
 from stepfleet.serving.planner import (
@@ -108,6 +109,13 @@ class EngineConfig:
     #: Changes of batch sizing and of the learned step-cost curve are logged at info at most
     #: this often (a queue at the edge of a backlog can flip the rule every step).
     batching_log_s: float = 5.0
+    #: Per-kind SLOs (seconds): the deadline of an image or a video request without `deadline_ms`
+    #: (DiffusionService `slo.image`/`slo.video`); None: `slo_scale` x its solo service time. A
+    #: per-kind SLO is a real target, so it counts as an explicit deadline (`serving.coschedule`).
+    slo_image_s: float | None = None
+    slo_video_s: float | None = None
+    #: How running videos yield to images (pause them, bounds); `coschedule.CoScheduleConfig`.
+    coschedule: CoScheduleConfig = field(default_factory=CoScheduleConfig)
     #: Where prompt encoding and VAE decoding run: "thread", "inline" (between steps, on the
     #: loop thread) or "auto" (inline when the runner's device is the CPU).
     aux: str = "auto"
@@ -183,6 +191,7 @@ class Engine(Generic[S]):
                 policy="static" if self.config.policy == "static" else "continuous",
                 preemption=self.config.preemption and self.config.policy != "static",
                 static_wait_s=self.config.static_wait_s,
+                coschedule=self.config.coschedule,
             ),
             self.cost,
         )
@@ -352,8 +361,10 @@ class Engine(Generic[S]):
         key = cost_key(prepared.shape, prepared.cost_variant)
         with self._cond:  # the loop thread writes the cost model under this lock
             solo = self.cost.service_seconds(key, prepared.unet_rows, prepared.steps)
-        explicit = p.deadline_ms is not None
-        budget = p.deadline_ms / 1000.0 if explicit else self.config.slo_scale * solo
+        kind_slo = self.config.slo_video_s if req.kind is RequestKind.VIDEO else self.config.slo_image_s
+        explicit = p.deadline_ms is not None or kind_slo is not None
+        budget = (p.deadline_ms / 1000.0 if p.deadline_ms is not None else kind_slo if kind_slo is not None
+                  else self.config.slo_scale * solo)
         req.prepared = prepared
         req.seq = Seq(
             id=req.id,
@@ -366,6 +377,7 @@ class Engine(Generic[S]):
             explicit_deadline=explicit,
             priority=int(p.priority),
             cost_key=key,
+            kind="video" if req.kind is RequestKind.VIDEO else "image",
         )
         with self._cond:
             self._preparing.pop(req.id, None)
@@ -443,13 +455,14 @@ class Engine(Generic[S]):
                         timeout = min(timeout, max(0.0, plan.wake_at - self.clock()))
                     self._cond.wait(timeout=timeout)
                     continue
-                apply_plan(seqs, plan)
+                apply_plan(seqs, plan, self.clock())
                 batch = [self._live[sid] for sid in plan.batch]
                 depth = self.queue_depth()
             if plan.paused:
                 self.observer.on_preempt(len(plan.paused))
                 log.debug("plan: %s", "; ".join(plan.reasons))
             self._report_batching(plan)
+            self._report_kinds(plan, seqs)
             result = self._execute(plan, batch)
             self._retire(plan, batch, result, seqs, depth)
         self._aux.run_pending()  # decodes queued by the last steps
@@ -506,6 +519,23 @@ class Engine(Generic[S]):
             self._finish(by_id[sid], "error", result.failed[sid])
         for sid in retired.finished:
             self._aux.submit(self._decode, by_id[sid])
+
+    def _report_kinds(self, plan: StepPlan, seqs: dict[str, Seq]) -> None:
+        """Images and videos apart, for an observer that has `on_kinds` (`WorkerMetrics`)."""
+        hook = getattr(self.observer, "on_kinds", None)
+        if hook is None:
+            return
+        waiting = {"image": 0, "video": 0}
+        paused_videos = 0
+        for s in seqs.values():
+            if s.phase is Phase.WAITING:
+                waiting[s.kind] = waiting.get(s.kind, 0) + 1
+            elif s.phase is Phase.PAUSED and s.kind == "video":
+                paused_videos += 1
+        try:
+            hook(waiting, paused_videos, sum(1 for sid in plan.paused if seqs[sid].kind == "video"))
+        except Exception:  # metrics must never break serving
+            log.exception("observer failed")
 
     def _report_batching(self, plan: StepPlan) -> None:
         """Keep the batching snapshot current; tell the observer on change, log at info (rate-limited).

@@ -96,7 +96,11 @@ def load_model(
         kwargs["revision"] = revision
     index = Path(source) / "model_index.json"
     if is_local and index.is_file():  # refuse a wrong family before loading gigabytes of weights
-        resolve_family(family, json.loads(index.read_text()).get("_class_name", "?"), model)
+        entries = json.loads(index.read_text())
+        resolve_family(family, entries.get("_class_name", "?"), model)
+        # Components saved as absent ([null, null], e.g. SD3 without its optional T5) load as absent:
+        # `from_pretrained` otherwise refuses a pipeline that lacks an expected component.
+        kwargs.update({k: None for k, v in entries.items() if v == [None, None] and k not in kwargs})
     log.info("loading %s from %s on %s (%s)", model, source, backend.name, backend.dtype)
     pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
     served = resolve_family(family, type(pipe).__name__, model)

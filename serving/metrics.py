@@ -37,6 +37,10 @@ CACHE_EVICTIONS = "stepfleet_template_cache_evictions_total"
 BATCH_CAP = "stepfleet_batch_cap"
 BATCH_SIZING = "stepfleet_batch_sizing"
 STEP_COST_SECONDS = "stepfleet_step_cost_seconds"
+#: Images and videos on one engine (`serving.coschedule`).
+KIND_QUEUE_DEPTH = "stepfleet_kind_queue_depth"
+PAUSED_VIDEOS = "stepfleet_paused_videos"
+VIDEO_PREEMPTIONS = "stepfleet_video_preemptions_total"
 
 #: `planner.SizingMode` values (kept literal: metrics import no planner).
 SIZING_MODES = ("light", "backlog", "deadline")
@@ -95,6 +99,16 @@ class WorkerMetrics:
                                   ["pool", "mode"], registry=r)
         self.step_cost = Gauge(STEP_COST_SECONDS, "Learned seconds of one step by cost key (shape) and UNet rows.",
                                ["pool", "shape", "rows"], registry=r)
+        self.kind_queue = Gauge(KIND_QUEUE_DEPTH, "Requests waiting for their first step, by kind (image, video).",
+                                ["pool", "kind"], registry=r)
+        self.paused_videos = Gauge(PAUSED_VIDEOS, "Videos started and paused at a step boundary (latents held).",
+                                   ["pool"], registry=r)
+        self.video_preemptions = Counter(VIDEO_PREEMPTIONS, "Videos paused so that an image meets its deadline.",
+                                         ["pool"], registry=r)
+        for k in ("image", "video"):
+            self.kind_queue.labels(self.pool, k)
+        self.paused_videos.labels(self.pool)
+        self.video_preemptions.labels(self.pool)
         self._cache_seen: dict[str, float] = {}
         for fam in (self.queue_depth, self.running_batch, self.ready, self.backlog, self.preemptions,
                     self.images, self.step_seconds, self.cache_hits, self.cache_misses, self.cache_memory,
@@ -138,6 +152,15 @@ class WorkerMetrics:
 
     def on_preempt(self, count: int) -> None:
         self.preemptions.labels(self.pool).inc(count)
+
+    def on_kinds(self, waiting: dict[str, int], paused_videos: int, videos_preempted: int) -> None:
+        """Per-kind state after a step's plan: waiting requests by kind, videos held paused, videos
+        this plan paused."""
+        for kind, count in waiting.items():
+            self.kind_queue.labels(self.pool, kind).set(count)
+        self.paused_videos.labels(self.pool).set(paused_videos)
+        if videos_preempted:
+            self.video_preemptions.labels(self.pool).inc(videos_preempted)
 
     def on_batching(self, report: BatchingReport) -> None:
         self.batch_cap.labels(self.pool).set(report.cap_images)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-SCHEDULERS: tuple[str, ...] = ("ddim", "euler", "euler_a", "dpmpp_2m", "lcm")
+SCHEDULERS: tuple[str, ...] = ("ddim", "euler", "euler_a", "dpmpp_2m", "lcm",
+                             "flow_euler", "flow_heun")  # the last two: SD3/Flux only (`schedulers`)
 OUTPUT_FORMATS: tuple[str, ...] = ("png", "jpeg", "webp")
 #: OpenAI's `partial_images`: at most this many previews per streamed request.
 MAX_PARTIAL_IMAGES = 3
@@ -93,6 +94,13 @@ class GenerationParams:
     edit: EditSpec | None = None
     #: Set for streamed requests (`stream: true`): where partial images go.
     stream: StreamSpec | None = None
+    #: ControlNets applied to this request (`controlnet: [...]`, `serving.controlnet`); their
+    #: residuals sum, as diffusers' MultiControlNet sums them.
+    controlnet: tuple[ControlSpec, ...] = ()
+    #: LoRA adapters to apply (`lora: [{name, scale}]`); None: the base model alone.
+    lora: LoraSpec | None = None
+    #: Frames of a video (video families only, `serving.videos`); None: an image (one frame).
+    num_frames: int | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -115,6 +123,20 @@ class EditSpec:
 
 
 @dataclass(frozen=True, eq=False)
+class ControlSpec:
+    """One ControlNet on one request: the registered net `name`, its control `image` (a PIL RGB
+    image of the request's size, decoded, preprocessed and resized by the HTTP layer), the residuals'
+    `conditioning_scale`, and the guidance window as fractions of the request's steps (diffusers'
+    `control_guidance_start`/`_end`: step i of N is controlled iff start <= i/N and (i+1)/N <= end)."""
+
+    name: str
+    image: object
+    conditioning_scale: float = 1.0
+    guidance_start: float = 0.0
+    guidance_end: float = 1.0
+
+
+@dataclass(frozen=True, eq=False)
 class StreamSpec:
     """A streamed request's previews: `partial_images` (0-3) at evenly spaced steps, each handed to
     `sink(index, images)` on the engine's loop thread (`images`: uint8 (n, H, W, 3)); the sink
@@ -122,6 +144,40 @@ class StreamSpec:
 
     partial_images: int
     sink: Callable[[int, object], None]
+
+
+#: `lora_wait`: `bounded` starts denoising at once and takes an adapter that is still loading
+#: when it lands (at the latest before step K); `full` waits for every adapter first.
+LORA_WAITS: tuple[str, ...] = ("bounded", "full")
+
+
+@dataclass(frozen=True)
+class LoraRef:
+    """One adapter a request names, and the factor its low-rank delta is scaled by."""
+
+    name: str
+    scale: float = 1.0
+
+
+@dataclass(eq=False)
+class LoraReport:
+    """What the adapters extension tells the response: steps that ran before an adapter landed."""
+
+    steps_without: int = 0
+    waited_s: float = 0.0
+
+
+@dataclass(frozen=True, eq=False)
+class LoraSpec:
+    """A request's adapters (composed by summing their deltas) and how it waits for their loading.
+
+    Plain data, checked by the HTTP layer against the registry (unknown name: 404); `report`
+    is filled on the engine's loop thread while the request runs.
+    """
+
+    adapters: tuple[LoraRef, ...]
+    wait: str = "bounded"
+    report: LoraReport = field(default_factory=LoraReport)
 
 
 def resolve_quality(quality: str | None, default_steps: int, max_steps: int) -> tuple[str, int]:

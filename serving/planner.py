@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from stepfleet.serving.contracts import StepResult
+from stepfleet.serving.coschedule import IMAGE, CoScheduleConfig, overdue, video_yield
 from stepfleet.serving.costmodel import StepCostModel
 
 
@@ -68,6 +69,13 @@ class Seq:
     phase: Phase = Phase.WAITING
     #: What its steps' cost is learned under (`costmodel.cost_key`); the shape by default.
     cost_key: Hashable = None
+    #: `image` or `video` (`serving.coschedule`: videos yield to images at step boundaries).
+    kind: str = "image"
+    #: When its current pause began (planner clock; None while not paused) and its closed pauses' total.
+    paused_at: float | None = None
+    paused_s: float = 0.0
+    #: A video paused for its whole bound: it resumes before any other work of its priority.
+    resume_first: bool = False
 
     def __post_init__(self) -> None:
         if not self.unet_rows:
@@ -79,9 +87,9 @@ class Seq:
     def steps_left(self) -> int:
         return self.steps_total - self.steps_done
 
-    def urgency(self) -> tuple[int, float, float, str]:
+    def urgency(self) -> tuple[int, bool, float, float, str]:
         """Sort key: smaller is more urgent."""
-        return (-self.priority, self.deadline, self.arrival, self.id)
+        return (-self.priority, not self.resume_first, self.deadline, self.arrival, self.id)
 
 
 @dataclass(frozen=True)
@@ -112,6 +120,8 @@ class PlannerConfig:
     backlog_min_gain: float = 0.0
     #: Size batches for explicit deadlines that would be missed otherwise (simulated per step).
     deadline_sizing: bool = True
+    #: How videos yield to images (`serving.coschedule`).
+    coschedule: CoScheduleConfig = field(default_factory=CoScheduleConfig)
 
 
 class SizingMode(enum.Enum):
@@ -179,6 +189,8 @@ class StepPlanner:
 
     # -- continuous ------------------------------------------------------------------
     def _plan_continuous(self, live: list[Seq], now: float) -> StepPlan:
+        for s in live:
+            s.resume_first = s.phase is Phase.PAUSED and overdue(s, now, self.config.coschedule)
         running = [s for s in live if s.phase is Phase.RUNNING]
         cands = sorted((s for s in live if s.phase is not Phase.RUNNING), key=Seq.urgency)
         if not running and not cands:
@@ -186,6 +198,7 @@ class StepPlanner:
         reasons: list[str] = []
         paused: list[Seq] = []
         shape = running[0].shape if running else cands[0].shape
+        yielded = False
 
         if running and self.config.preemption:
             other = next((c for c in cands if c.shape != shape), None)
@@ -194,10 +207,18 @@ class StepPlanner:
                 paused.extend(running)
                 running = []
                 shape = other.shape
+            elif (why := video_yield(running, cands, now, self.cost, self.config.coschedule,
+                                            self.config.max_batch)) is not None:
+                reasons.append(why)
+                paused.extend(running)
+                running = []
+                shape = next(c.shape for c in cands if c.kind == IMAGE)  # the image's group
+                yielded = True
 
         batch = list(running)
         rows = sum(s.rows for s in batch)
-        fence = next((c for c in cands if c.shape != shape), None)
+        # After videos yielded, the images at risk run even where a video ranks before them (it can wait).
+        fence = None if yielded else next((c for c in cands if c.shape != shape), None)
         queue = [
             c
             for c in cands
@@ -448,12 +469,18 @@ def _simulate(running: Sequence[Seq], queue: Sequence[Seq], now: float, cap_rows
     return finish
 
 
-def apply_plan(seqs: dict[str, Seq], plan: StepPlan) -> None:
-    """Move seqs to the phases the plan puts them in (the engine and the replay share this)."""
+def apply_plan(seqs: dict[str, Seq], plan: StepPlan, now: float | None = None) -> None:
+    """Move seqs to the phases the plan puts them in (the engine and the replay share this);
+    with `now`, account pause time (`coschedule`'s bound on how long a video stays paused)."""
     for sid in plan.paused:
         seqs[sid].phase = Phase.PAUSED
+        seqs[sid].paused_at = now
     for sid in plan.batch:
-        seqs[sid].phase = Phase.RUNNING
+        seq = seqs[sid]
+        if seq.paused_at is not None and now is not None:
+            seq.paused_s += now - seq.paused_at
+        seq.paused_at = None
+        seq.phase = Phase.RUNNING
 
 
 @dataclass(frozen=True)

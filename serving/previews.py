@@ -64,11 +64,18 @@ def predicted_x0(state: RequestState, sample: torch.Tensor) -> torch.Tensor:
         return state.predicted_x0
     scheduler = state.scheduler
     outputs = getattr(scheduler, "model_outputs", None)
-    if getattr(scheduler.config, "algorithm_type", None) == "dpmsolver++" and outputs and outputs[-1] is not None:
+    keeps_x0 = (getattr(scheduler.config, "algorithm_type", None) == "dpmsolver++"
+                or getattr(scheduler.config, "predict_x0", False) is True)  # UniPC (Wan's scheduler) too
+    if keeps_x0 and outputs and outputs[-1] is not None:
         return outputs[-1]  # DPM-Solver++ keeps its x0 prediction as the step's converted output
     out = state.model_output
     assert out is not None, "after_step runs after a model call"
     t = state.timesteps[state.step_index]
+    if not hasattr(scheduler, "alphas_cumprod") and hasattr(scheduler, "sigmas"):
+        # Flow matching (SD3, Flux): x_t = (1 - sigma)·x0 + sigma·noise and the model predicts
+        # noise - x0, so x0 = x_t - sigma·v, with sigma = t / num_train_timesteps.
+        sigma = float(t) / float(scheduler.config.num_train_timesteps)
+        return sample.float() - sigma * out.float()
     alpha = scheduler.alphas_cumprod[int(t)].to(sample.device, torch.float32)
     a, s = alpha.sqrt(), (1 - alpha).sqrt()
     x, e = sample.float(), out.float()
@@ -87,12 +94,13 @@ def fit_projection(backbone: Backbone, seed: int = 0) -> torch.Tensor:
     g = np.random.default_rng(seed)
     blocks = _FIT_SIDE // _FIT_BLOCK
     xs, ys = [], []
-    f = _FIT_SIDE // backbone.latent_shape(_FIT_SIDE, _FIT_SIDE)[1]
+    f = _FIT_SIDE // backbone.latent_shape(_FIT_SIDE, _FIT_SIDE)[-1]  # (C, h, w) or a video's (C, 1, h, w)
     for _ in range(_FIT_IMAGES):
         colours = g.integers(0, 256, size=(blocks, blocks, 3), dtype=np.uint8)
         pixels = np.kron(colours, np.ones((_FIT_BLOCK, _FIT_BLOCK, 1), dtype=np.uint8))
         with torch.inference_mode():
             z = backbone.encode_image(Image.fromarray(pixels)).float().cpu()[0]  # (C, h, w)
+        z = z.reshape(z.shape[0], *z.shape[-2:])  # a video family's one-frame (C, 1, h, w)
         c, h, w = z.shape
         target = pixels.reshape(h, f, w, f, 3).mean(axis=(1, 3)) / 255.0
         # Only latent pixels inside a flat block (not at its edges) are clean samples of their colour.
@@ -111,6 +119,7 @@ def fit_projection(backbone: Backbone, seed: int = 0) -> torch.Tensor:
 def project(x0: torch.Tensor, projection: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     """Latents (n, C, h, w) → uint8 (n, H, W, 3) at `size` (width, height), by the fitted projection."""
     z = x0.detach().float().cpu()
+    z = z.reshape(z.shape[0], z.shape[1], *z.shape[-2:])  # a video family's one-frame (n, C, 1, h, w)
     rgb = torch.einsum("nchw,ck->nkhw", z, projection[:-1]) + projection[-1].view(1, 3, 1, 1)
     w, h = size
     rgb = torch.nn.functional.interpolate(rgb, size=(h, w), mode="bilinear", align_corners=False)

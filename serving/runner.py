@@ -13,6 +13,8 @@ Add-ons are *extensions* with hooks at fixed points of a request's life (`Extens
 batched denoiser call; e.g. masked compute for edits), `after_step` (each request's new
 latents; e.g. keep the template's latents outside an edit's mask) and `finish` (the decoded
 images; e.g. the exact composite). The runner calls them and knows nothing of what they do.
+An extension that also feeds the denoiser (ControlNet's residuals) implements `InputExtension`:
+its `denoiser_inputs` are extra keyword arguments of the batch's one denoiser call.
 
 Threading: `prepare` and `decode` run on the engine's auxiliary thread (or, on the CPU,
 on the step loop between steps; see `serving.auxwork`), `step` on the step loop thread;
@@ -21,17 +23,28 @@ they touch disjoint requests, and the modules are read-only at inference.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 
-from stepfleet.serving.backbones.base import Backbone, Conditioning
+from stepfleet.serving.backbones.base import (
+    Backbone,
+    Conditioning,
+    DenoiserExtras,
+    MakesVideo,
+    SetsTimesteps,
+)
 from stepfleet.serving.contracts import CACHED_EDIT_VARIANT, Decoded, EditPath, Prepared, Shape
 from stepfleet.serving.params import GenerationParams
-from stepfleet.serving.schedulers import make_scheduler, step_kwargs_for
+from stepfleet.serving.schedulers import (
+    init_noise_sigma,
+    make_scheduler,
+    scale_model_input,
+    step_kwargs_for,
+)
 
 if TYPE_CHECKING:
     from diffusers import SchedulerMixin
@@ -55,6 +68,9 @@ class RequestState:
     step_index: int = 0
     #: How an edit runs (set by the edits extension; None for other requests).
     edit_path: EditPath | None = None
+    #: What its steps cost like, when not like a plain request's (an extension may set it in
+    #: `prepare`, e.g. ControlNet's): the engine learns step costs per variant (`costmodel`).
+    cost_variant: str | None = None
     #: The last step's guided model output, and the clean latents (x0) its scheduler predicted
     #: when its `step` returns them (DDIM, Euler, LCM; None for PNDM, DPM-Solver): references
     #: set before `after_step`, for extensions that look at a request's progress (previews).
@@ -67,8 +83,7 @@ class RequestState:
 
     @property
     def shape(self) -> Shape:
-        c, h, w = self.latents.shape[1:]
-        return (int(c), int(h), int(w))
+        return tuple(int(d) for d in self.latents.shape[1:])  # (C, h, w), or (C, F, h, w) for videos
 
     @property
     def images(self) -> int:
@@ -104,6 +119,16 @@ class Extension(Protocol):
         ...
 
 
+@runtime_checkable
+class InputExtension(Protocol):
+    """An extension that also feeds the denoiser (ControlNet residuals): an optional, sixth hook."""
+
+    def denoiser_inputs(self, batch: Sequence[RequestState], sample: torch.Tensor, timestep: torch.Tensor,
+                        cond: Mapping[str, torch.Tensor]) -> DenoiserExtras:
+        """Extra keyword arguments for the batch's one denoiser call, rows as `sample`'s ({} for none)."""
+        ...
+
+
 class ModelRunner:
     """Stateless over requests: the engine passes in the `RequestState`s it keeps."""
 
@@ -125,10 +150,20 @@ class ModelRunner:
     def latent_shape(self, width: int, height: int) -> Shape:
         return self.backbone.latent_shape(width, height)
 
-    def new_scheduler(self, name: str | None, steps: int) -> SchedulerMixin:
-        """A fresh scheduler of `name` (None: the checkpoint's own) with its timesteps set."""
+    def request_shape(self, params: GenerationParams) -> Shape:
+        """A request's latent shape: a video family's (C, F, h, w) for its frames, else (C, h, w)."""
+        if isinstance(self.backbone, MakesVideo):
+            return self.backbone.video_latent_shape(params.width, params.height, params.num_frames or 1)
+        return self.latent_shape(params.width, params.height)
+
+    def new_scheduler(self, name: str | None, steps: int, shape: Shape | None = None) -> SchedulerMixin:
+        """A fresh scheduler of `name` (None: the checkpoint's own) with its timesteps set; for
+        latents of `shape` by the backbone where its schedule depends on it (`SetsTimesteps`)."""
         scheduler = make_scheduler(name, self._scheduler_config, self._scheduler_class)
-        scheduler.set_timesteps(steps, device=self.backbone.device)
+        if shape is not None and isinstance(self.backbone, SetsTimesteps):
+            self.backbone.set_timesteps(scheduler, steps, shape)
+        else:
+            scheduler.set_timesteps(steps, device=self.backbone.device)
         return scheduler
 
     @torch.inference_mode()
@@ -138,11 +173,11 @@ class ModelRunner:
 
         guided = params.guidance_scale > 1.0 and self.backbone.capabilities.guidance
         conditioning = self.backbone.encode_prompt(params, guided)
-        scheduler = self.new_scheduler(params.scheduler, params.num_inference_steps)
+        shape = self.request_shape(params)
+        scheduler = self.new_scheduler(params.scheduler, params.num_inference_steps, shape)
         # A CPU generator draws the same noise on every backend, so a seed means one image.
         generator = torch.Generator(device="cpu").manual_seed(seed)
-        c, h, w = self.latent_shape(params.width, params.height)
-        latents = randn_tensor((params.n, c, h, w), generator=generator, device=self.backbone.device,
+        latents = randn_tensor((params.n, *shape), generator=generator, device=self.backbone.device,
                                dtype=conditioning.dtype)
         accepted = step_kwargs_for(type(scheduler))
         step_kwargs: dict[str, object] = {}
@@ -152,7 +187,7 @@ class ModelRunner:
             step_kwargs["generator"] = generator
         state = RequestState(
             params=params,
-            latents=latents * scheduler.init_noise_sigma,
+            latents=latents * init_noise_sigma(scheduler),
             scheduler=scheduler,
             generator=generator,
             timesteps=scheduler.timesteps,
@@ -167,7 +202,7 @@ class ModelRunner:
             shape=state.shape,
             unet_rows=state.unet_rows,
             steps=state.steps_left,
-            cost_variant=CACHED_EDIT_VARIANT if state.edit_path is EditPath.CACHED else None,
+            cost_variant=CACHED_EDIT_VARIANT if state.edit_path is EditPath.CACHED else state.cost_variant,
         )
 
     @staticmethod
@@ -178,7 +213,7 @@ class ModelRunner:
         conds: list[dict[str, torch.Tensor]] = []
         for r in batch:
             t = r.timesteps[r.step_index]
-            x = r.scheduler.scale_model_input(r.latents, t)
+            x = scale_model_input(r.scheduler, r.latents, t)
             copies = 2 if r.guided else 1
             samples += [x] * copies
             if r.conditioning.negative is not None:
@@ -195,10 +230,15 @@ class ModelRunner:
     def step(self, batch: Sequence[RequestState]) -> None:
         """One denoising step for every request in `batch` (same latent shape), in one denoiser call."""
         sample, timestep, cond = self._batch_inputs(batch)
+        extras: DenoiserExtras = {}
+        for ext in self.extensions:
+            if isinstance(ext, InputExtension):
+                extras.update(ext.denoiser_inputs(batch, sample, timestep, cond))
         with ExitStack() as stack:
             for ext in self.extensions:
                 stack.enter_context(ext.denoising(batch))
-            noise = self.backbone.denoise(sample, timestep, cond)
+            noise = self.backbone.denoise(sample, timestep, cond, extras) if extras else \
+                self.backbone.denoise(sample, timestep, cond)
         offset = 0
         for r in batch:
             n = r.images

@@ -37,8 +37,10 @@ from pydantic import (
     Field,
     StringConstraints,
     WithJsonSchema,
+    model_validator,
 )
 
+from stepfleet.serving.controlnet.schema import ControlNetList
 from stepfleet.serving.params import MAX_PARTIAL_IMAGES, OUTPUT_FORMATS, SCHEDULERS
 
 #: The most images one request may ask for on any worker: `n` takes `n` slots of a step's
@@ -172,6 +174,46 @@ Quality = Literal["low", "medium", "high", "xhigh", "max", "auto", "standard", "
 Background = Literal["transparent", "opaque", "auto"]
 
 
+#: Most adapters one request may name on any worker (a worker's --max-adapters-per-request is lower).
+MAX_LORA_PER_REQUEST = 16
+_ADAPTER_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
+class LoraItem(BaseModel):
+    """One adapter a request applies (`lora: [{"name": ..., "scale": ...}]`; several add up)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    name: Annotated[str, _matching(_ADAPTER_NAME, "an adapter name (letters, digits, '.', '_', '-')"),
+                    WithJsonSchema({"type": "string", "pattern": _ADAPTER_NAME})] = Field(
+        description="a registered adapter (POST /v1/adapters)")
+    scale: float = Field(1.0, ge=-10, le=10, description="multiplies the adapter's delta (default 1)")
+
+
+def _lora_text(value: Any) -> Any:
+    """A JSON body sends `lora` as a list; a form as JSON text (FastAPI hands a list field its
+    repeated form values: each a JSON list or object)."""
+    import json
+
+    texts = [value] if isinstance(value, str) else value
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        return value
+    items: list[Any] = []
+    for text in texts:
+        try:
+            parsed = json.loads(text)
+        except json.JSONDecodeError:
+            raise ValueError('must be a JSON list like [{"name": "style", "scale": 0.8}]') from None
+        items += parsed if isinstance(parsed, list) else [parsed]
+    return items
+
+
+LoraList = Annotated[Annotated[list[LoraItem], Field(max_length=MAX_LORA_PER_REQUEST)] | None,
+                     BeforeValidator(_lora_text), Field(None, description=(
+                         "LoRA adapters to apply, each {name, scale}; several compose by sum (a worker allows up "
+                         "to its --max-adapters-per-request, default 4). In forms: the list as JSON text."))]
+
+
 class ImageRequestFields(BaseModel):
     """Fields generations and edits share: OpenAI's, then stepfleet's extensions."""
 
@@ -200,6 +242,11 @@ class ImageRequestFields(BaseModel):
     negative_prompt: Prompt | None = _NEGATIVE
     priority: Name | int | None = _PRIORITY
     deadline_ms: float | None = _DEADLINE
+    controlnet: ControlNetList = None
+    lora: LoraList = None
+    lora_wait: Literal["bounded", "full"] | None = Field(None, description=(
+        "bounded (default): start at once and take adapters still loading when they land (at the latest after "
+        "the worker's --lora-max-unloaded-steps); full: wait for them before the first step"))
 
 
 class ImageGenerationRequest(ImageRequestFields):
@@ -242,6 +289,46 @@ class ImageEditForm(ImageRequestFields):
     input_fidelity: Literal["high", "low"] | None = Field(None, description=(
         "how closely to keep the input image when strength is not given: high = strength 0.6, low = 1.0"))
     #: Omitted generation settings default to the template's, so the edit takes the cached path.
+    strength: float | None = _STRENGTH
+    controlnet_image: list[UploadFile] | None = Field(None, alias="controlnet_image[]", max_length=8, description=(
+        "control images for the `controlnet` entries sent without an inline image, in order"))
+
+
+class ImageReference(BaseModel):
+    """OpenAI's `ImageInputReferenceParam`: an image named by URL (`file_id` needs a Files API,
+    which stepfleet has not)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    image_url: str | None = Field(None, description=(
+        "a base64 data URL (data:image/png;base64,...), or an http(s) URL where the worker allows remote "
+        "URLs (--remote-image-urls; off by default)"))
+    file_id: Name | None = Field(None, description="not supported (no Files API): send image_url")
+
+    @model_validator(mode="after")
+    def _one_url(self) -> ImageReference:
+        if self.file_id is not None:
+            raise ValueError("file_id is not supported (stepfleet has no Files API); send image_url")
+        if not self.image_url:
+            raise ValueError("image_url is required")
+        return self
+
+
+class ImageEditJSON(ImageRequestFields):
+    """`POST /v1/images/edits` with a JSON body (OpenAI's second form): images by URL."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
+
+    images: list[ImageReference] | None = Field(None, min_length=1, max_length=MAX_EDIT_IMAGES, description=(
+        "images to edit, up to 16: the first is edited (the mask applies to it), the others must be images "
+        "and are reference images this model family cannot use (or send template_id)"))
+    mask: ImageReference | None = Field(None, description=(
+        "a PNG of the first image's size; fully transparent pixels mark the area to edit"))
+    prompt: Prompt = Field(description="what the edited area should show")
+    template_id: Name | None = Field(None, description="a registered template to edit instead of images")
+    size: Size | None = Field(None, description="must be the first image's size, or 'auto'")
+    input_fidelity: Literal["high", "low"] | None = Field(None, description=(
+        "how closely to keep the input image when strength is not given: high = strength 0.6, low = 1.0"))
     strength: float | None = _STRENGTH
 
 
@@ -300,6 +387,15 @@ class StepfleetInfo(BaseModel):
     #: Edits only: how the edit ran (also in the `X-Stepfleet-Edit-Path` header).
     edit_path: Literal["cached", "full"] | None = None
     template_id: str | None = None
+    #: Requests with `lora`: the adapters, steps that ran before they landed, seconds waited for them.
+    lora: LoraInfo | None = None
+
+
+class LoraInfo(BaseModel):
+    adapters: list[LoraItem]
+    wait: Literal["bounded", "full"]
+    steps_without_adapter: int = Field(description="denoising steps that ran before every adapter was loaded")
+    waited_s: float = Field(description="seconds the request (or its step batch) waited for adapter loads")
 
 
 class InputTokensDetails(BaseModel):
@@ -378,3 +474,39 @@ class ErrorResponse(BaseModel):
     """Every error, OpenAI's shape (`serving.errors`)."""
 
     error: ErrorDetail
+
+
+# -- /v1/adapters (LoRA) ---------------------------------------------------------------------
+
+class AdapterObject(BaseModel):
+    id: str
+    object: Literal["adapter"] = "adapter"
+    created: int
+    source: str
+    bytes: int = Field(description="the adapter file's size")
+    sha256: str
+    rank: int
+    modules: int = Field(description="denoiser layers the adapter changes")
+    tiers: list[Literal["device", "host", "disk"]] = Field(description="cache tiers holding it now")
+    in_use: int = Field(description="running or queued requests using it")
+
+
+class AdapterList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[AdapterObject]
+
+
+class AdapterDeleted(BaseModel):
+    id: str
+    object: Literal["adapter.deleted"] = "adapter.deleted"
+    deleted: bool
+
+
+class AdapterForm(BaseModel):
+    """`POST /v1/adapters` (multipart): a safetensors `file`, or a `source` to read it from."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="the adapter's name in requests' `lora` (letters, digits, '.', '_', '-')")
+    file: UploadFile | None = Field(None, description="a LoRA safetensors file (kohya/A1111, diffusers or PEFT keys)")
+    source: str | None = Field(None, max_length=1024, description="hf://owner/repo[/file], pvc://path or a local path")

@@ -66,6 +66,12 @@ class WorkerSettings(BaseModel):
     preemption: bool = Field(default=True, description="let urgent requests overtake at step boundaries")
     policy: str = Field(default="continuous", description="continuous or static batching")
     slo_scale: float = Field(default=4.0, gt=0)
+    slo_image_s: float | None = Field(
+        default=None, gt=0, description="deadline of an image request without deadline_ms, seconds (per-kind SLO)"
+    )
+    slo_video_s: float | None = Field(
+        default=None, gt=0, description="deadline of a video job without deadline_ms, seconds (per-kind SLO)"
+    )
     aux: Literal["auto", "inline", "thread"] = Field(
         default="auto",
         description="where prompt encoding and VAE decoding run (auto: between steps on the CPU); see serving.auxwork",
@@ -94,12 +100,65 @@ class WorkerSettings(BaseModel):
     template_dir: str | None = Field(
         default=None, description="spill directory (default: a temporary one, removed at exit)"
     )
+    video_dir: str | None = Field(
+        default=None, description="video jobs and their MP4s; kept across restarts (default: a temporary one)"
+    )
+    video_max_jobs: int = Field(default=256, ge=1, description="video jobs held at once; one more is a 429")
+    video_ttl_s: float = Field(default=3600.0, gt=0, description="seconds a finished video job is kept")
+    video_content_bytes: int = Field(
+        default=2 * 1024**3, ge=1024**2, description="disk for finished videos; the oldest are evicted beyond it"
+    )
     max_upload_bytes: int = Field(
         default=32 * 1024**2, ge=1024, description="largest accepted multipart upload (edits, templates); larger is 413"
+    )
+    adapter_device_bytes: int = Field(
+        default=1024**3, ge=0, description="device memory for LoRA adapters in use or recently used (LRU; "
+        "adapters of running requests stay)",
+    )
+    adapter_host_bytes: int = Field(
+        default=4 * 1024**3, ge=0, description="host memory for parsed LoRA adapters (LRU)",
+    )
+    adapter_disk_bytes: int = Field(
+        default=16 * 1024**3, ge=0, description="disk for adapter files (LRU over re-readable sources; uploads stay)",
+    )
+    adapter_dir: str | None = Field(
+        default=None, description="adapter files directory (default: a temporary one, removed at exit)"
+    )
+    max_adapter_bytes: int = Field(
+        default=512 * 1024**2, ge=1024, description="largest accepted adapter file (upload or source); larger is 413"
+    )
+    max_adapters_per_request: int = Field(
+        default=4, ge=0, le=16, description="LoRA adapters one request may name (0: no adapters on this worker)"
+    )
+    adapters: str | None = Field(
+        default=None, description="LoRA adapters to register at start: comma-separated [*]name=source (source "
+        "hf://owner/repo[/file] or a local path; * preloads it onto the device before the worker is ready)",
+    )
+    lora_max_unloaded_steps: int = Field(
+        default=2, ge=0, description="bounded loading: steps a request may run before its adapters are in "
+        "(then it waits for them)",
     )
     max_json_bytes: int = Field(
         default=1024**2, ge=1024, description="largest accepted JSON body (generations); larger is 413"
     )
+    remote_image_urls: bool = Field(
+        default=False, description="fetch http(s) image_url references of JSON edits (only public addresses, "
+        "no redirects, within --max-upload-bytes and --remote-image-timeout-s; see serving/image_refs.py)",
+    )
+    remote_image_timeout_s: float = Field(default=10.0, gt=0, le=300, description="time limit of one image fetch")
+    remote_image_networks: str | None = Field(
+        default=None, description="comma-separated networks fetched from although not public (e.g. an in-cluster "
+        "image store's 10.1.0.0/16)",
+    )
+    controlnets: str | None = Field(
+        default=None, description="ControlNets requests may name: comma-separated name=source[:kind] (source a "
+        "built-in such as tiny-controlnet, a directory or a hub id; kind canny, depth, pose, scribble or other)",
+    )
+    controlnet_placement: Literal["inline", "overlap"] = Field(
+        default="inline", description="where ControlNets run: inline on the step loop, or overlap (an executor "
+        "beside it computes each request's next residuals ahead; see docs/controlnet.md)",
+    )
+    max_controlnets: int = Field(default=2, ge=1, le=8, description="ControlNets one request may name")
     worker_token_file: str | None = Field(
         default=None,
         description="file holding the token the router sends (Authorization: Bearer); requests without it are "
@@ -111,6 +170,30 @@ class WorkerSettings(BaseModel):
     def _device(cls, v: str) -> str:
         if v != "auto" and v not in BACKENDS:
             raise ValueError(f"device must be auto or one of {', '.join(BACKENDS)}")
+        return v
+
+    @field_validator("remote_image_networks")
+    @classmethod
+    def _networks(cls, v: str | None) -> str | None:
+        from stepfleet.serving.image_refs import parse_networks
+
+        parse_networks(v)  # a ValueError naming the entry that is not a network
+        return v
+
+    @field_validator("controlnets")
+    @classmethod
+    def _controlnets(cls, v: str | None) -> str | None:
+        from stepfleet.serving.controlnet.spec import parse_registry
+
+        parse_registry(v)  # a ValueError naming the bad entry
+        return v
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapters(cls, v: str | None) -> str | None:
+        from stepfleet.serving.adapters.spec import parse_adapters
+
+        parse_adapters(v)  # raises ValueError naming the bad entry
         return v
 
     @field_validator("policy")

@@ -41,6 +41,10 @@ PURE_SERVING = [
     "router/balancing.py",
     "router/costing.py",
     "settings.py",
+    "coschedule.py",
+    "bench/coserve_replay.py",
+    "videos/spec.py",
+    "videos/jobs.py",
 ]
 PURE_OPERATOR = ["loop/observe.py"]
 

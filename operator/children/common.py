@@ -43,6 +43,8 @@ class Observed:
 
     replicas: dict[str, int] = field(default_factory=dict)
     weights: dict[str, float] = field(default_factory=dict)
+    #: The router config's `control` section (the loop's last decisions, `policy.records`).
+    control: dict[str, Any] | None = None
     servicemonitor_available: bool = False
     #: Who scrapes the workers besides what the spec names: the operator itself (its control loop
     #: reads `/metrics` and `/readyz` of pods), from `stepfleet operator --metrics-from`.

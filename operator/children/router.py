@@ -66,7 +66,7 @@ def weights(pools: list[PoolSpec], observed: Observed) -> dict[str, float]:
 def config(owner: Owner, spec: DiffusionServiceSpec, observed: Observed) -> dict[str, Any]:
     """The router configuration as data (what `router.yaml` holds)."""
     w = weights(spec.pools, observed)
-    return {
+    out: dict[str, Any] = {
         "version": CONFIG_VERSION,
         "service": owner.name,
         "model": spec.model.source,
@@ -81,6 +81,9 @@ def config(owner: Owner, spec: DiffusionServiceSpec, observed: Observed) -> dict
             for p in spec.pools
         ],
     }
+    if observed.control is not None:  # the loop's decisions, for the router's GET /v1/fleet
+        out["control"] = observed.control
+    return out
 
 
 def parse_config(text: str) -> dict[str, Any]:

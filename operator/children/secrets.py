@@ -3,7 +3,8 @@
 The operator never reads a Secret: it names it in the pod template and the kubelet mounts it
 as a file, so the operator's RBAC holds no right to Secrets. Both sides read files, not
 environment variables, because a mounted Secret is updated in place when it changes (the
-router re-reads its API keys file; the token is read at start, so a new one takes a rollout).
+router re-reads its API keys file, router and workers their token file: rotation in three
+Secret edits without a rollout, `serving.worker_auth`).
 Mode 0440 with the pods' fsGroup: readable by the non-root user, by nobody else.
 """
 

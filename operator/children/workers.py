@@ -25,6 +25,8 @@ from stepfleet.operator.children.common import (
 )
 from stepfleet.operator.models import DiffusionServiceSpec, PoolSpec
 from stepfleet.operator.validation import ModelSource, parse_source
+from stepfleet.serving.adapters.spec import AdapterSpecEntry, render_adapters
+from stepfleet.serving.controlnet.spec import ControlNetEntry, render_registry
 from stepfleet.serving.settings import WorkerSettings
 
 MODEL_MOUNT = "/models"
@@ -52,6 +54,14 @@ def _model_arg(source: ModelSource) -> str:
         return f"{MODEL_MOUNT}/{source.location}".rstrip("/")
     # Builtins (`tiny-sd`) and hub ids are passed as-is: the worker resolves both itself.
     return source.location
+
+
+def _adapter_arg(source: str) -> str:
+    """A spec adapter's `--adapters` source: hub sources as they are, a pvc:// path where the model's
+    claim is mounted (the spec checks it is that claim)."""
+    if source.startswith("pvc://"):
+        return f"{MODEL_MOUNT}/" + "/".join(source.removeprefix("pvc://").split("/")[1:])
+    return source
 
 
 def _node_placement(owner: Owner, pool: PoolSpec) -> tuple[dict[str, str], list[dict[str, Any]]]:
@@ -98,6 +108,13 @@ def worker_settings(spec: DiffusionServiceSpec, pool: PoolSpec) -> WorkerSetting
         port=names.WORKER_PORT,
         max_batch=pool.max_batch or spec.serving.max_batch,
         template_cache_bytes=spec.serving.template_cache_bytes,
+        controlnets=render_registry([ControlNetEntry(c.name, c.worker_source(), c.kind) for c in spec.controlnets]),
+        controlnet_placement=pool.controlnet_placement or spec.serving.controlnet_placement,
+        max_controlnets=spec.serving.max_controlnets,
+        adapters=render_adapters([AdapterSpecEntry(a.name, _adapter_arg(a.source), a.preload)
+                                  for a in spec.adapters]),
+        slo_image_s=spec.slo.image,
+        slo_video_s=spec.slo.video,
         # The router's token (a mounted Secret): without it a worker answers 401 to the API.
         worker_token_file=token.path if token is not None else None,
     )

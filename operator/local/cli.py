@@ -24,10 +24,12 @@ import sys
 import tempfile
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from stepfleet.operator.loop import observe
+from stepfleet.operator.policy import records
 from stepfleet.serving.builtin_models import BUILTIN_MODELS
 from stepfleet.serving.settings import WorkerSettings
 
@@ -35,6 +37,8 @@ from . import fleet, liveness, processes, supervise
 
 #: Seconds between two supervision passes (exits, readiness, actions).
 TICK_S = 0.25
+#: Control decisions the router is told of (its fleet panel shows them).
+DECISIONS_SHOWN = records.DECISIONS_KEPT
 
 
 def _say(message: str) -> None:
@@ -78,6 +82,8 @@ class LocalFleet:
         self.desired = fleet.initial_desired(pools, settings)
         self.weights: dict[str, float] | None = None
         self.memory = fleet.LoopMemory()
+        #: The last decisions, oldest first: the router shows them (`GET /v1/fleet`, the playground).
+        self.decisions: deque[dict] = deque(maxlen=DECISIONS_SHOWN)
         self.config_path = state_dir / "router.yaml"
         self.config_text = ""
         self.announced = False
@@ -91,7 +97,8 @@ class LocalFleet:
 
     def _write_config(self) -> None:
         views = [w.view for w in self.workers.values()]
-        text = fleet.render_router_config(fleet.router_config(self.pools, views, self.weights, self.model))
+        control = records.control_section(self.memory.state.mode, self.decisions) if self.decisions else None
+        text = fleet.render_router_config(fleet.router_config(self.pools, views, self.weights, self.model, control))
         if text != self.config_text:
             processes.write_atomically(self.config_path, text)
             self.config_text = text
@@ -213,6 +220,7 @@ class LocalFleet:
             abs(plan.weights.get(k, 0.0) - v) > 1e-3 for k, v in self.weights.items())
         self.desired = dict(plan.replicas)
         self.weights = dict(plan.weights)
+        self.decisions.append(records.decision_record(plan, now))
         if changed:
             weights = ", ".join(f"{k}={v:.2f}" for k, v in plan.weights.items())
             _say(f"plan: mode {plan.mode}, workers {plan.replicas}, weights {weights}; "

@@ -233,10 +233,12 @@ def router_config(
     workers: Sequence[WorkerView],
     weights: Mapping[str, float] | None,
     model: str | None = None,
+    control: Mapping | None = None,
 ) -> dict:
     """`router.yaml` for the ready workers (not those found hung); pools without one are left out.
 
-    Without a plan yet (`weights` None) every pool weighs 1.
+    Without a plan yet (`weights` None) every pool weighs 1. `control` (`control_section`) is
+    what the router's `GET /v1/fleet` shows of the loop's decisions.
     """
     out_pools = []
     for pool in pools:
@@ -251,6 +253,8 @@ def router_config(
     if model:
         config["model"] = model
     config["pools"] = out_pools
+    if control:
+        config["control"] = dict(control)
     return config
 
 

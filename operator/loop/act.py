@@ -22,7 +22,7 @@ from stepfleet.operator import applying, kube, names
 from stepfleet.operator import conditions as cond
 from stepfleet.operator.children import Observed, Owner, nodepools, router, workers
 from stepfleet.operator.models import DiffusionServiceSpec, PoolSpec
-from stepfleet.operator.policy import Plan, PolicyState
+from stepfleet.operator.policy import Plan, PolicyState, records
 from stepfleet.operator.policy.model import PoolMemory
 
 from .capacity import LoadFailure
@@ -50,8 +50,12 @@ def apply_plan(
     spec: DiffusionServiceSpec,
     plan: Plan,
     deployments: Mapping[str, Mapping[str, Any] | None],
+    now_s: float = 0.0,
 ) -> list[str]:
     """Write what the plan changes; returns what was changed. Raises kube.ApiError, ChildConflict.
+
+    `now_s` (Unix seconds) stamps the decision the router's config records when the weights or
+    the mode change (`policy.records.next_control`).
 
     The plan was made from `spec` and `deployments` as read at the start of the run; the
     reconcile may have applied a newer spec since (pruned a pool, changed the pod template).
@@ -59,7 +63,10 @@ def apply_plan(
     only if its spec is still the generation it read: otherwise 409, and the next run decides
     again on fresh reads instead of rolling the pool back to the old spec.
     """
-    observed = Observed(replicas=plan.replicas, weights=weights(plan))
+    live_config = _same_pools_as_router(client, owner, spec)
+    live_weights = {p.get("name"): p.get("weight") for p in (live_config or {}).get("pools") or []}
+    control = records.next_control((live_config or {}).get("control"), plan, weights(plan), live_weights, now_s)
+    observed = Observed(replicas=plan.replicas, weights=weights(plan), control=control)
     changes: list[str] = []
     for pool in spec.pools:
         live = deployments.get(pool.name)
@@ -71,7 +78,6 @@ def apply_plan(
                                        expect_generation=(live.get("metadata") or {}).get("generation"))
             if action != "absent":
                 changes.append(f"{pool.name} replicas {want}")
-    _same_pools_as_router(client, owner, spec)
     action, _ = applying.apply(client, router.configmap(owner, spec, observed), create=False)
     if action not in ("none", "absent"):
         changes.append("router weights " + ", ".join(f"{k} {v:.2f}" for k, v in observed.weights.items()))
@@ -94,17 +100,18 @@ def apply_plan(
     return changes
 
 
-def _same_pools_as_router(client: kube.Client, owner: Owner, spec: DiffusionServiceSpec) -> None:
-    """409 when the router's config lists other pools than the loop's spec: the reconcile has
-    applied a newer spec, and stale weights would drop a new pool's traffic until next run."""
+def _same_pools_as_router(client: kube.Client, owner: Owner, spec: DiffusionServiceSpec) -> dict[str, Any] | None:
+    """The router's live config (None: absent or unreadable); 409 when it lists other pools than
+    the loop's spec: the reconcile has applied a newer spec, and stale weights would drop a new
+    pool's traffic until next run."""
     live = client.get(kube.CONFIGMAP, owner.namespace, names.router(owner.name))
     if live is None:
-        return
+        return None
     try:
-        listed = {p["name"] for p in router.parse_config((live.get("data") or {}).get(names.ROUTER_CONFIG_KEY, ""))
-                  .get("pools", [])}
+        config = router.parse_config((live.get("data") or {}).get(names.ROUTER_CONFIG_KEY, ""))
+        listed = {p["name"] for p in config.get("pools", [])}
     except (ValueError, KeyError, TypeError):
-        return  # unreadable: the loop's own config replaces it
+        return None  # unreadable: the loop's own config replaces it
     if listed != {p.name for p in spec.pools}:
         raise kube.ApiError(409, "Conflict", f"the router config lists pools {sorted(listed)}, the loop's spec "
                                              f"{sorted(p.name for p in spec.pools)}: the spec changed meanwhile")

@@ -51,6 +51,7 @@ from stepfleet.operator.reconcile import owner_of
 from stepfleet.operator.validation import validate
 
 from . import act, capacity, observe, pods, prometheus, scraping, sources
+from .alarms import LossWatch
 from .errors import ObservationError
 from .measured import Metrics
 from .metrics import LoopMetrics
@@ -220,7 +221,7 @@ def run_once(
             _post(client, act.capacity_lost_event(meta, pool, plan, now))
         for event in act.load_failure_events(meta, status, load_failures, now):
             _post(client, event)
-        changes = act.apply_plan(client, owner, spec, plan, cluster.deployments)
+        changes = act.apply_plan(client, owner, spec, plan, cluster.deployments, now_s=now.timestamp())
     except (kube.ApiError, applying.ChildConflict) as exc:
         memory.step = step
         if isinstance(exc, kube.ApiError) and exc.status == 409:
@@ -272,11 +273,13 @@ def register(
     tick_s: float = 1.0,
     http_timeout_s: float = 5.0,
     metrics: LoopMetrics | None = None,
+    losses: LossWatch | None = None,
 ) -> None:
     """Register the control-loop timer (and the cleanup of its HTTP client) on `registry`.
 
     `metrics` receives each decision (`stepfleet operator` passes the gauges it serves);
-    without one the loop keeps its gauges on a private, unserved registry.
+    without one the loop keeps its gauges on a private, unserved registry. `losses` (fed by
+    the Deployment watch) makes a run start at the next tick when a pool lost ready replicas.
     """
     gauges = metrics if metrics is not None else LoopMetrics(registry=CollectorRegistry())
     http_box: list[httpx.Client] = []
@@ -292,8 +295,12 @@ def register(
         if memory is None:
             memory = memo[MEMO_KEY] = LoopMemory()
         started = time.monotonic()
-        if memory.last_run is not None and started - memory.last_run < interval_of(body) - tick_s / 2:
+        meta = body.get("metadata") or {}
+        alarmed = losses is not None and losses.take((meta.get("namespace", ""), meta.get("name", "")))
+        if memory.last_run is not None and started - memory.last_run < interval_of(body) - tick_s / 2 and not alarmed:
             return
+        if alarmed:
+            logger.info("control loop: a pool lost ready replicas, running now")
         memory.last_run = started
         try:
             outcome = run_once(

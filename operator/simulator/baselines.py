@@ -69,6 +69,7 @@ def _sized(rate: float, pool: Pool) -> int:
 
 class StaticCheapest:
     name = "static-cheapest"
+    react_to_loss_s = None  # acts on its ticks only
     period_s = math.inf
 
     def __init__(self, scenario: Scenario) -> None:
@@ -83,6 +84,7 @@ class StaticCheapest:
 
 class StaticMixed:
     name = "static-mixed"
+    react_to_loss_s = None  # acts on its ticks only
     period_s = math.inf
 
     def __init__(self, scenario: Scenario) -> None:
@@ -109,6 +111,7 @@ def _autoscale(hpas: Mapping[str, Hpa], view: FleetView) -> dict[str, int]:
 
 class HpaBaseline:
     name = "hpa"
+    react_to_loss_s = None  # acts on its ticks only
     period_s = HPA_PERIOD_S
 
     def __init__(self, scenario: Scenario) -> None:
@@ -124,6 +127,7 @@ class HpaBaseline:
 
 class PaperLoop:
     name = "paper"
+    react_to_loss_s = None  # acts on its ticks only
     period_s = HPA_PERIOD_S
 
     def __init__(self, scenario: Scenario) -> None:

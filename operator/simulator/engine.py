@@ -29,7 +29,7 @@ from .fleet import Fleet, Replica, SimPool
 from .scenario import CapacityShort, Interrupt, Outage, PriceChange, Scenario
 from .view import FleetView, RequestLog
 
-_PRIORITY = {"ready": 0, "release": 0, "event": 1, "short_end": 1, "tick": 2}
+_PRIORITY = {"ready": 0, "release": 0, "event": 1, "short_end": 1, "tick": 2, "react": 2}
 _CHUNK = 1 << 16
 
 
@@ -118,9 +118,13 @@ def simulate(scenario: Scenario, controller: Controller, draws: Draws,
                 switches += 1
             last_mode[0] = actions.mode
 
+    react_s = controller.react_to_loss_s
+
     def lose(pool: SimPool, victims: list[Replica], now: float) -> None:
         serving = fleet.lose(pool, victims, now)
         log.fail_lost(serving, now, lookback)
+        if victims and react_s is not None:
+            schedule(now + react_s, "react", None)
 
     def handle(now: float, kind: str, payload: object) -> None:
         if kind == "ready":
@@ -131,7 +135,7 @@ def simulate(scenario: Scenario, controller: Controller, draws: Draws,
             fleet.end_shortage(payload, now)  # type: ignore[arg-type]
         elif kind == "event":
             _scenario_event(payload, now)
-        elif kind == "tick":
+        elif kind in ("tick", "react"):
             for pool in pools:  # Karpenter keeps reporting while pods stay Unschedulable
                 if pool.unschedulable:
                     fleet.retry_pending(pool, now)
@@ -143,7 +147,7 @@ def simulate(scenario: Scenario, controller: Controller, draws: Draws,
                 tuple(len(p.ready) for p in pools), _weights_of(cum, npools),
                 actions.reasons if keep_reasons else ()))
             following = now + controller.period_s
-            if following < scenario.duration_s:
+            if kind == "tick" and following < scenario.duration_s:
                 schedule(following, "tick", None)
 
     def _scenario_event(event: object, now: float) -> None:

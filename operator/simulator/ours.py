@@ -45,6 +45,9 @@ def policy_spec(scenario: Scenario) -> PolicySpec:
 
 class Ours:
     name = "ours"
+    #: The operator watches its pools' Deployments: a drop in ready replicas runs the control
+    #: step at once (after the watch event's delay), not at the next tick.
+    react_to_loss_s: float | None = 5.0
 
     def __init__(self, scenario: Scenario) -> None:
         self.spec = policy_spec(scenario)

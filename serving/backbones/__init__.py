@@ -13,6 +13,9 @@ Families and what a checkpoint of each looks like (its `model_index.json` `_clas
 | `sd15` | `StableDiffusionPipeline` | `sd.StableDiffusionBackbone` (SD 1.x) |
 | `sd2` | `StableDiffusionPipeline` | the same, `v_prediction` read from the scheduler config |
 | `sdxl` | `StableDiffusionXLPipeline` | `sdxl.StableDiffusionXLBackbone` |
+| `sd3` | `StableDiffusion3Pipeline` | `sd3.StableDiffusion3Backbone` (SD3/3.5 MMDiT, flow matching) |
+| `flux` | `FluxPipeline` | `flux.FluxBackbone` (Flux DiT, packed latents, flow matching) |
+| `wan` | `WanPipeline` | `wan.WanBackbone` (Wan 2.1 text-to-video; images are one-frame videos) |
 """
 
 from __future__ import annotations
@@ -24,13 +27,16 @@ if TYPE_CHECKING:
     from stepfleet.serving.loading import LoadedModel
 
 #: Families a worker can serve; a DiffusionService naming any other is refused at admission.
-FAMILIES: tuple[str, ...] = ("sd15", "sd2", "sdxl")
+FAMILIES: tuple[str, ...] = ("sd15", "sd2", "sdxl", "sd3", "flux", "wan")
 
 #: The diffusers pipeline class of each family's checkpoints.
 PIPELINE_CLASSES: dict[str, str] = {
     "sd15": "StableDiffusionPipeline",
     "sd2": "StableDiffusionPipeline",
     "sdxl": "StableDiffusionXLPipeline",
+    "sd3": "StableDiffusion3Pipeline",
+    "flux": "FluxPipeline",
+    "wan": "WanPipeline",
 }
 
 
@@ -77,4 +83,16 @@ def load_backbone(model: LoadedModel) -> Backbone:
         from stepfleet.serving.backbones.sdxl import StableDiffusionXLBackbone
 
         return StableDiffusionXLBackbone(model.pipeline)
+    if model.family == "sd3":
+        from stepfleet.serving.backbones.sd3 import StableDiffusion3Backbone
+
+        return StableDiffusion3Backbone(model.pipeline)
+    if model.family == "flux":
+        from stepfleet.serving.backbones.flux import FluxBackbone
+
+        return FluxBackbone(model.pipeline)
+    if model.family == "wan":
+        from stepfleet.serving.backbones.wan import WanBackbone
+
+        return WanBackbone(model.pipeline)
     raise FamilyMismatch(f"no backbone for family {model.family!r}")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 
@@ -33,6 +33,10 @@ if TYPE_CHECKING:
 
 #: Tensors keyed by the denoiser call's argument names, one row per image.
 CondTensors = dict[str, torch.Tensor]
+#: Extra keyword arguments of one batched denoiser call that extensions supply (ControlNet's
+#: `down_block_additional_residuals` list and `mid_block_additional_residual`), one row per
+#: batch row like the sample: the backbone passes them through without knowing what they are.
+DenoiserExtras = dict[str, torch.Tensor | list[torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -84,8 +88,10 @@ class Backbone(Protocol):
         """Encode `params.n` images' worth of conditioning (`negative` set iff `guidance`)."""
         ...
 
-    def denoise(self, sample: torch.Tensor, timestep: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """One batched denoiser call: (B, C, h, w) latents, (B,) timesteps, conditioning rows."""
+    def denoise(self, sample: torch.Tensor, timestep: torch.Tensor, cond: Mapping[str, torch.Tensor],
+                extras: DenoiserExtras | None = None) -> torch.Tensor:
+        """One batched denoiser call: (B, C, h, w) latents, (B,) timesteps, conditioning rows, and the
+        extensions' extra inputs (`extras`, passed to the denoiser as keyword arguments)."""
         ...
 
     def encode_image(self, image: Image.Image) -> torch.Tensor:
@@ -94,4 +100,34 @@ class Backbone(Protocol):
 
     def decode(self, latents: torch.Tensor, output_type: str = "pil") -> list[Image.Image] | np.ndarray:
         """Scaled latents → images as the family's pipeline post-processes them."""
+        ...
+
+
+@runtime_checkable
+class SetsTimesteps(Protocol):
+    """A backbone whose schedule depends on more than the step count.
+
+    Flow-matching families shift their sigmas by the image's token count (`calculate_shift`'s
+    `mu`) and Flux passes its own sigmas; the runner asks such a backbone to set a new request's
+    timesteps instead of calling `scheduler.set_timesteps(steps)` itself, and stays
+    family-agnostic. Backbones without this method get the plain call.
+    """
+
+    def set_timesteps(self, scheduler: SchedulerMixin, steps: int, shape: Shape) -> None:
+        """Set `scheduler`'s timesteps for `steps` steps on latents of `shape` (C, h, w), as the
+        family's pipeline does."""
+        ...
+
+
+@runtime_checkable
+class MakesVideo(Protocol):
+    """A video family (Wan): its latents have a frame axis, (C, F, h, w).
+
+    The runner asks it for a request's latent shape with the request's `num_frames` (None: one
+    frame, an image), so video and image requests of one model each get their own shape group;
+    image families lack this method and keep `latent_shape(width, height)`.
+    """
+
+    def video_latent_shape(self, width: int, height: int, num_frames: int) -> Shape:
+        """(C, F, h, w) latents for `num_frames` frames of `width`×`height`."""
         ...

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from stepfleet.serving.backbones.base import Capabilities, Conditioning
+from stepfleet.serving.backbones.base import Capabilities, Conditioning, DenoiserExtras
 from stepfleet.serving.contracts import Shape
 from stepfleet.serving.params import GenerationParams
 
@@ -85,6 +85,7 @@ class StableDiffusionBackbone(UNetBackbone):
             negative={"encoder_hidden_states": uncond} if guidance else None,
         )
 
-    def denoise(self, sample: torch.Tensor, timestep: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def denoise(self, sample: torch.Tensor, timestep: torch.Tensor, cond: Mapping[str, torch.Tensor],
+                extras: DenoiserExtras | None = None) -> torch.Tensor:
         return self.denoiser(sample, timestep, encoder_hidden_states=cond["encoder_hidden_states"],
-                             return_dict=False)[0]
+                             return_dict=False, **(extras or {}))[0]

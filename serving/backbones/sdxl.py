@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from stepfleet.serving.backbones.base import Conditioning
+from stepfleet.serving.backbones.base import Conditioning, DenoiserExtras
 from stepfleet.serving.backbones.sd import UNetBackbone
 from stepfleet.serving.params import GenerationParams
 
@@ -94,10 +94,11 @@ class StableDiffusionXLBackbone(UNetBackbone):
                       "time_ids": time_ids},  # the pipeline's negative_add_time_ids = add_time_ids
         )
 
-    def denoise(self, sample: torch.Tensor, timestep: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def denoise(self, sample: torch.Tensor, timestep: torch.Tensor, cond: Mapping[str, torch.Tensor],
+                extras: DenoiserExtras | None = None) -> torch.Tensor:
         added = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
         return self.denoiser(sample, timestep, encoder_hidden_states=cond["encoder_hidden_states"],
-                             added_cond_kwargs=added, return_dict=False)[0]
+                             added_cond_kwargs=added, return_dict=False, **(extras or {}))[0]
 
     # -- the VAE -------------------------------------------------------------------------
     def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -36,8 +37,96 @@ def main(argv: list[str]) -> int:
     edt.add_argument("--steps", type=int, default=10)
     edt.add_argument("--max-batch", type=int, default=4)
     edt.add_argument("--live-requests", type=int, default=None)
+    stm = sub.add_parser("stream", help="time to the first partial image vs the final one; previews' cost on the loop")
+    stm.add_argument("--json", action="store_true", help="print the JSON result on stdout")
+    stm.add_argument("--quick", action="store_true", help="a short trace, one plain/streamed pair (< 2 min)")
+    stm.add_argument("--model", default="tiny-sd")
+    stm.add_argument("--size", type=int, default=256)
+    stm.add_argument("--steps", type=int, default=20)
+    stm.add_argument("--load", type=float, default=0.5, help="offered load relative to one-at-a-time service")
+    stm.add_argument("--partial-images", type=int, default=3, choices=(1, 2, 3))
+    stm.add_argument("--requests", type=int, default=None, help="requests per run (default 24; --quick 6)")
+    stm.add_argument("--max-batch", type=int, default=4)
+    stm.add_argument("--method", default="projection", choices=("projection", "vae"))
+    lra = sub.add_parser("lora", help="mixed-adapter step batches vs one adapter state per batch vs merge-per-request")
+    lra.add_argument("--json", action="store_true", help="print the JSON result on stdout")
+    lra.add_argument("--quick", action="store_true", help="a small size, few repeats, a short trace (< 1 min)")
+    lra.add_argument("--model", default="tiny-sd")
+    lra.add_argument("--size", type=int, default=None, help="image side (default 256; --quick 128)")
+    lra.add_argument("--steps", type=int, default=20)
+    lra.add_argument("--max-batch", type=int, default=4)
+    lra.add_argument("--rank", type=int, default=16)
+    lra.add_argument("--disk-delay-ms", type=float, default=0.0,
+                     help="added to each adapter file read (a slow disk or hub): time to first step, bounded vs full")
+    cos = sub.add_parser("coserve", help="images and videos on one worker: stepfleet vs FIFO, SJF, static "
+                                         "partitioning, no video preemption (replay on measured costs + live)")
+    cos.add_argument("--json", action="store_true", help="print the JSON result on stdout")
+    cos.add_argument("--quick", action="store_true", help="small clips, a short replay, a few live requests (< 2 min)")
+    cos.add_argument("--model", default="tiny-wan")
+    cos.add_argument("--device", default="auto")
+    cos.add_argument("--load", type=float, default=0.9, help="offered load relative to one-at-a-time capacity")
+    cnt = sub.add_parser("controlnet", help="mixed ControlNet step batches vs batches of one ControlNet set")
+    cnt.add_argument("--json", action="store_true", help="print the JSON result on stdout")
+    cnt.add_argument("--quick", action="store_true", help="a small size, few repeats, a short trace (< 1 min)")
+    cnt.add_argument("--model", default="tiny-sd")
+    cnt.add_argument("--size", type=int, default=256)
+    cnt.add_argument("--steps", type=int, default=20)
+    cnt.add_argument("--max-batch", type=int, default=4)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+
+    if args.name == "coserve":
+        from stepfleet.serving.bench import coserve_bench
+
+        base = coserve_bench.CoserveBenchConfig(model=args.model, device=args.device, load=args.load)
+        vcfg = (dataclasses.replace(base, reps=2, replay_requests=600, seeds=(0,), live_requests=8,
+                                    live_video_frames=9, full_video_decode=False) if args.quick else base)
+        vresult = coserve_bench.run(vcfg, quick=args.quick)
+        print(coserve_bench.summary(vresult), file=sys.stderr)
+        if args.json:
+            print(json.dumps(vresult, indent=2))
+        return 0
+
+    if args.name == "controlnet":
+        from stepfleet.serving.bench import controlnet_bench
+
+        ccfg = controlnet_bench.ControlNetBenchConfig(
+            model=args.model, size=128 if args.quick else args.size, steps=args.steps, max_batch=args.max_batch,
+            reps=2 if args.quick else 5, replay_requests=200 if args.quick else 400,
+            seeds=(0,) if args.quick else (0, 1, 2),
+        )
+        cresult = controlnet_bench.run(ccfg)
+        print(controlnet_bench.summary(cresult), file=sys.stderr)
+        if args.json:
+            print(json.dumps(cresult, indent=2))
+        return 0
+
+    if args.name == "lora":
+        from stepfleet.serving.bench import lora_bench
+
+        lcfg = lora_bench.LoraBenchConfig(
+            model=args.model, size=args.size or (128 if args.quick else 256), steps=args.steps, max_batch=args.max_batch,
+            rank=args.rank, reps=2 if args.quick else 5, replay_requests=200 if args.quick else 400,
+            disk_delay_ms=args.disk_delay_ms,
+        )
+        result = lora_bench.run(lcfg, quick=args.quick)
+        print(lora_bench.summary(result), file=sys.stderr)
+        if args.json:
+            print(json.dumps(result, indent=2))
+        return 0
+
+    if args.name == "stream":
+        from stepfleet.serving.bench import stream_bench
+
+        scfg = stream_bench.StreamBenchConfig(
+            model=args.model, size=args.size, steps=args.steps, load=args.load, partial_images=args.partial_images,
+            requests=args.requests or (6 if args.quick else 24), max_batch=args.max_batch, method=args.method,
+        )
+        result = stream_bench.run(scfg, quick=args.quick)
+        print(stream_bench.summary(result), file=sys.stderr)
+        if args.json:
+            print(json.dumps(result, indent=2))
+        return 0
 
     if args.name == "router":
         from stepfleet.serving.bench import router_bench

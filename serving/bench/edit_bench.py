@@ -70,6 +70,18 @@ class EditBenchConfig:
     halo: int | None = None  # None: the worker's default (`edits.masks.default_halo`)
 
 
+def fitting_config(cfg: EditBenchConfig, scheduler_class: type) -> EditBenchConfig:
+    """`cfg` with a scheduler the model takes: a flow-matching model (SD3, Flux) runs `flow_euler`
+    where the default (`ddim`) would not fit it."""
+    from dataclasses import replace
+
+    from stepfleet.serving.schedulers import FLOW_SCHEDULERS, is_flow_matching
+
+    if is_flow_matching(scheduler_class) and cfg.scheduler not in FLOW_SCHEDULERS:
+        return replace(cfg, scheduler="flow_euler")
+    return cfg
+
+
 def box_mask(size: int, ratio: float, rng: random.Random | None = None) -> torch.Tensor:
     """(size, size) bool pixel mask: a square of `ratio` of the area, centred (or placed by `rng`)."""
     side = max(8, round(size * ratio**0.5))
@@ -99,7 +111,7 @@ def template_image(size: int, seed: int = 0):
 
 class Bench:
     def __init__(self, cfg: EditBenchConfig, log) -> None:
-        from diffusers import StableDiffusionInpaintPipeline
+        from diffusers import AutoPipelineForInpainting
 
         from stepfleet.serving.backbones import load_backbone
         from stepfleet.serving.edits.cache import TemplateCache
@@ -107,15 +119,16 @@ class Bench:
         from stepfleet.serving.loading import load_model
         from stepfleet.serving.runner import ModelRunner
 
-        self.cfg = cfg
         self.log = log
         self.model = load_model(cfg.model, device="cpu")
+        self.cfg = cfg = fitting_config(cfg, type(self.model.pipeline.scheduler))
         self.cache = TemplateCache(max_bytes=cfg.cache_bytes)
         backbone = load_backbone(self.model)
         self.edits = EditExtension(backbone, self.cache, halo=cfg.halo)
         self.runner = ModelRunner(backbone, extensions=[self.edits])
         pipe = self.model.pipeline
-        self.inpaint = StableDiffusionInpaintPipeline(**pipe.components)
+        # The family's own inpainting pipeline from the same components (SD, SDXL, SD3, Flux).
+        self.inpaint = AutoPipelineForInpainting.from_pipe(pipe)
         self.inpaint.set_progress_bar_config(disable=True)
         from stepfleet.serving.schedulers import make_scheduler
 
@@ -175,8 +188,9 @@ class Bench:
 
     def diffusers_edit(self, mask: torch.Tensor, prompt: str = "an edited red car"):
         c = self.cfg
+        # strength 1 as the edits run it (SD3's and Flux's inpainting default to 0.6).
         return self.inpaint(prompt, image=self.image, mask_image=mask_image(mask), height=c.size, width=c.size,
-                            num_inference_steps=c.steps, guidance_scale=c.guidance_scale,
+                            num_inference_steps=c.steps, guidance_scale=c.guidance_scale, strength=1.0,
                             generator=torch.Generator().manual_seed(c.seed)).images[0]
 
     # -- per-request latency and accuracy ------------------------------------------------
@@ -312,6 +326,7 @@ def run(cfg: EditBenchConfig, quick: bool, log=lambda msg: print(msg, file=sys.s
     # Torch phases run on threads that end with them (see `bench.live.isolated`), so the live
     # engine's loop thread is the process's only OpenMP pool while it runs.
     b = isolated(lambda: Bench(cfg, log))
+    cfg = b.cfg  # with the scheduler that fits the model
     try:
         out, table = isolated(lambda: _per_request_and_costs(b, cfg, quick, log))
         cap = 1.0 / table.diffusers_s

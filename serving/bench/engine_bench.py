@@ -91,6 +91,18 @@ def _params(r: TraceRequest, cfg: BenchConfig) -> GenerationParams:
     )
 
 
+def scheduler_mix(model: LoadedModel) -> tuple[str, ...]:
+    """The trace's schedulers that fit the model (SD3/Flux: flow matching; `schedulers.fitting_mix`)."""
+    from stepfleet.serving.schedulers import fitting_mix
+
+    return fitting_mix(type(model.pipeline.scheduler), SCHEDULER_MIX)
+
+
+def rows_per_image_of(runner: ModelRunner, cfg: BenchConfig) -> int:
+    """Denoiser rows per image: two with classifier-free guidance, one for a family without it (Flux)."""
+    return 2 if cfg.guidance_scale > 1 and runner.backbone.capabilities.guidance else 1
+
+
 def measure_costs(model: LoadedModel, runner: ModelRunner, cfg: BenchConfig, quick: bool) -> CostTable:
     """The step-cost table the replay uses, measured now on this machine.
 
@@ -105,11 +117,12 @@ def measure_costs(model: LoadedModel, runner: ModelRunner, cfg: BenchConfig, qui
     from stepfleet.serving.schedulers import make_scheduler
 
     reps = 2 if quick else 3
-    rows_per_image = 2 if cfg.guidance_scale > 1 else 1
+    rows_per_image = rows_per_image_of(runner, cfg)
+    mix = scheduler_mix(model)
     fns: dict[Any, Any] = {
         ("step", rows): fn
         for rows, fn in curve_steps(runner, cfg.size, cfg.size, cfg.guidance_scale, cfg.max_batch, reps,
-                                    SCHEDULER_MIX).items()
+                                    mix).items()
     }
     one = GenerationParams(prompt="cost", width=cfg.size, height=cfg.size, num_inference_steps=10,
                            guidance_scale=cfg.guidance_scale)
@@ -126,17 +139,17 @@ def measure_costs(model: LoadedModel, runner: ModelRunner, cfg: BenchConfig, qui
              generator=torch.Generator().manual_seed(0))
 
     for steps in (10, 30):
-        for sch in SCHEDULER_MIX:
+        for sch in mix:
             fns[("pipe", steps, sch)] = partial(pipeline_call, steps, sch)
     try:
-        pipeline_call(2, "ddim")
+        pipeline_call(2, mix[0])
         best = interleaved_min(fns, reps)
     finally:
         pipe.scheduler = base
     step_s = {rows: best[("step", rows)] for rows in range(rows_per_image, (cfg.max_batch + 1) * rows_per_image,
                                                              rows_per_image)}
-    t10 = statistics.fmean(best[("pipe", 10, sch)] for sch in SCHEDULER_MIX)
-    t30 = statistics.fmean(best[("pipe", 30, sch)] for sch in SCHEDULER_MIX)
+    t10 = statistics.fmean(best[("pipe", 10, sch)] for sch in mix)
+    t30 = statistics.fmean(best[("pipe", 30, sch)] for sch in mix)
     fifo_step = (t30 - t10) / 20
     if fifo_step <= 0:  # too noisy to fit a line: fall back to the engine's own single-request step
         fifo_step = step_s[rows_per_image]
@@ -246,20 +259,21 @@ def run(cfg: BenchConfig, quick: bool, log=lambda msg: print(msg, file=sys.stder
         + ", ".join(f"{k}: {v * 1000:.1f}ms" for k, v in sorted(table.step_s_by_rows.items())))
     continuous = PlannerConfig(max_batch=cfg.max_batch)
     static = PlannerConfig(max_batch=cfg.max_batch, policy="static", static_wait_s=cfg.static_wait_s)
-    rows = 2 if cfg.guidance_scale > 1 else 1
+    rows = rows_per_image_of(runner, cfg)
     shape = runner.latent_shape(cfg.size, cfg.size)
+    mix = scheduler_mix(model)
     loads_out = []
     solo_diff = None
     for load in sorted(set(LOADS) | set(cfg.live_loads)):
         entry: dict[str, Any] = {"load": load, "rate_rps": load * cap}
-        long_trace = poisson_trace(load * cap, cfg.replay_requests, seed=cfg.seed)
+        long_trace = poisson_trace(load * cap, cfg.replay_requests, seed=cfg.seed, schedulers=mix)
         entry["replay"] = {
             "fifo": replay_fifo(long_trace, table),
             "static": replay_engine(long_trace, table, static, rows, cfg.slo_scale, shape),
             "continuous": replay_engine(long_trace, table, continuous, rows, cfg.slo_scale, shape),
         }
         if load in cfg.live_loads:
-            trace = poisson_trace(load * cap, cfg.live_requests, seed=cfg.seed)
+            trace = poisson_trace(load * cap, cfg.live_requests, seed=cfg.seed, schedulers=mix)
             live: dict[str, Any] = {}
             with cpu_noise(cfg.noise):
                 log(f"load {load}: live fifo ({len(trace)} requests{', noise' if cfg.noise else ''}) ...")
@@ -281,7 +295,7 @@ def run(cfg: BenchConfig, quick: bool, log=lambda msg: print(msg, file=sys.stder
             if solo_diff is None:
                 solo_diff = isolated(partial(solo_vs_mixed, runner, results, cfg))
         loads_out.append(entry)
-    saturated = poisson_trace(3.0 * cap, cfg.replay_requests, seed=cfg.seed)
+    saturated = poisson_trace(3.0 * cap, cfg.replay_requests, seed=cfg.seed, schedulers=mix)
 
     def at(load: float) -> dict[str, Any]:
         return next(e for e in loads_out if e["load"] == load)["replay"]

@@ -37,18 +37,29 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from stepfleet.serving.backbones.base import Backbone
+from stepfleet.serving.backbones.base import Backbone, SetsTimesteps
 from stepfleet.serving.contracts import EditPath
 from stepfleet.serving.edits.cache import TemplateCache
+from stepfleet.serving.edits.masked_dit import MaskedDiT
 from stepfleet.serving.edits.masked_unet import EditRow, MaskedUNet, RecordRow, Row, expand_rows
 from stepfleet.serving.edits.masks import TokenMasks, composite, default_halo, latent_mask
 from stepfleet.serving.edits.templates import Template, TemplateKey, TemplateRegistry, TemplateState
 from stepfleet.serving.params import EditSpec, GenerationParams
-from stepfleet.serving.schedulers import make_scheduler
+from stepfleet.serving.schedulers import add_noise, init_noise_sigma, make_scheduler
 
 if TYPE_CHECKING:
     from stepfleet.serving.contracts import ImageBatch
     from stepfleet.serving.runner import RequestState
+
+
+def masked_compute_for(denoiser: torch.nn.Module, cache: TemplateCache) -> MaskedUNet | MaskedDiT:
+    """The denoiser's masked compute: `MaskedUNet` for a UNet, `MaskedDiT` for an SD3/Flux transformer
+    (each raises NotImplementedError on a model it does not know)."""
+    from diffusers import UNet2DConditionModel
+
+    if isinstance(denoiser, UNet2DConditionModel):
+        return MaskedUNet(denoiser, cache)
+    return MaskedDiT(denoiser, cache)
 
 
 class EditKind(enum.Enum):
@@ -87,24 +98,27 @@ def template_key(params: GenerationParams, seed: int, spec: EditSpec) -> Templat
 
 
 class EditExtension:
-    """Edits and template recordings for a backbone whose denoiser supports masked compute."""
+    """Edits and template recordings: masked compute on a UNet (`MaskedUNet`) or an SD3/Flux transformer
+    (`MaskedDiT`); a backbone without `masked_compute` edits by full compute only."""
 
     def __init__(self, backbone: Backbone, cache: TemplateCache, templates: TemplateRegistry | None = None,
                  halo: int | None = None) -> None:
         """`halo`: tokens recomputed around an edit at every attention resolution (`masks`);
         None picks `masks.default_halo` for each edit's latent size."""
-        if not backbone.capabilities.masked_compute:
-            raise NotImplementedError(f"family {backbone.family!r} has no masked compute for edits")
         self.backbone = backbone
         self.cache = cache
         self.halo = halo
         self.templates = templates or TemplateRegistry()
-        self.masked = MaskedUNet(backbone.denoiser, cache)  # raises NotImplementedError on unknown blocks
+        # A family without masked compute still edits, by full compute (`EditPath.FULL`, said in
+        # X-Stepfleet-Edit-Path): never the cached path, never a wrong image.
+        self.masked: MaskedUNet | MaskedDiT | None = (masked_compute_for(backbone.denoiser, cache)
+                                                      if backbone.capabilities.masked_compute else None)
         self._states: weakref.WeakKeyDictionary[RequestState, EditState] = weakref.WeakKeyDictionary()
 
     def close(self) -> None:
         """Uninstall masked compute from the denoiser (the cache stays its owner's to close)."""
-        self.masked.uninstall()
+        if self.masked is not None:
+            self.masked.uninstall()
 
     # -- templates (call on the engine's loop thread; see TemplateService) -------------------
     def add_template(self, template: Template) -> None:
@@ -174,13 +188,13 @@ class EditExtension:
                 x0 = self.backbone.encode_image(base).to(dtype)
             noised = self._noised(params, state.timesteps, x0, noise[:1], spec.strength)
         if spec.strength >= 1.0:
-            init = noise * state.scheduler.init_noise_sigma
+            init = noise * init_noise_sigma(state.scheduler)
         else:
-            init = state.scheduler.add_noise(x0.expand_as(noise), noise, state.timesteps[:1].repeat(params.n))
+            init = add_noise(state.scheduler, x0.expand_as(noise), noise, state.timesteps[:1].repeat(params.n))
         edit = EditState(kind=EditKind.FULL, noised=noised, latent_mask=lm[None, None].to(device),
                          pixel_mask=spec.pixel_mask, base_image=base)
         state.latents = torch.where(edit.latent_mask, init, noised[0])
-        if same and spec.use_cache and self.template_cached(template):
+        if same and spec.use_cache and self.masked is not None and self.template_cached(template):
             edit.kind, edit.template_id, edit.template_rows = EditKind.CACHED, template.id, template.template_rows
             halo = self.halo if self.halo is not None else default_halo(*lm.shape)
             edit.token_masks = TokenMasks.from_latent(lm, halo)
@@ -191,13 +205,17 @@ class EditExtension:
                 strength: float) -> list[torch.Tensor]:
         """The template's latents before each step (as the inpainting pipeline blends them), then x0."""
         sched = make_scheduler(params.scheduler, self.backbone.scheduler.config, type(self.backbone.scheduler))
-        sched.set_timesteps(params.num_inference_steps, device=x0.device)
+        if isinstance(self.backbone, SetsTimesteps):  # the request's own schedule (flow matching's shift)
+            c, h, w = x0.shape[1:]
+            self.backbone.set_timesteps(sched, params.num_inference_steps, (int(c), int(h), int(w)))
+        else:
+            sched.set_timesteps(params.num_inference_steps, device=x0.device)
         out = []
         for i in range(len(timesteps)):
             if i == 0 and strength >= 1.0:
-                out.append(noise * sched.init_noise_sigma)
+                out.append(noise * init_noise_sigma(sched))
             else:
-                out.append(sched.add_noise(x0, noise, timesteps[i : i + 1]))
+                out.append(add_noise(sched, x0, noise, timesteps[i : i + 1]))
         out.append(x0)
         return out
 
@@ -211,7 +229,7 @@ class EditExtension:
 
     def denoising(self, batch: Sequence[RequestState]) -> AbstractContextManager[None]:
         rows = self._rows(batch)
-        if all(row is None for row in rows):
+        if self.masked is None or all(row is None for row in rows):
             return nullcontext()
         entries, missing = self.masked.fetch(rows)
         if missing:  # evicted from both cache tiers: those edits go on by full compute

@@ -8,6 +8,7 @@ pixel for pixel, to a registered template's is that template.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Annotated
 
 from fastapi import APIRouter, Form
@@ -16,8 +17,11 @@ from fastapi.responses import JSONResponse, Response
 from stepfleet.serving.contracts import EditPath
 from stepfleet.serving.edits.templates import Template, image_digest
 from stepfleet.serving.errors import APIError
+from stepfleet.serving.http.adapters import AdapterHold, lora_info, lora_spec
+from stepfleet.serving.http.controlnets import controls_for, form_images
 from stepfleet.serving.http.deps import State, SubmitEdit, Templates, Tenant
 from stepfleet.serving.http.fields import check_image_size, check_model, check_stream
+from stepfleet.serving.http.json_edits import EditRoute
 from stepfleet.serving.http.openapi import EDIT_ERRORS, ERRORS, STREAM_RESPONSE
 from stepfleet.serving.http.state import WorkerState
 from stepfleet.serving.http.submit import Described, images_body
@@ -51,24 +55,30 @@ VARIATION_STRENGTH = 0.6
 router = APIRouter(tags=["images"], route_class=UploadRoute)
 
 
-@router.post(
-    "/v1/images/edits", response_model=ImagesResponse, responses=ERRORS | EDIT_ERRORS | STREAM_RESPONSE,
-    response_description=f"the edited images; `{EDIT_PATH_HEADER}` says whether the cached path ran",
-)
 async def create_edit(form: Annotated[ImageEditForm, Form(media_type="multipart/form-data")], submit: SubmitEdit,
                       templates: Templates, state: State, tenant: Tenant) -> Response:
     """Inpaint the area the mask leaves transparent; the rest keeps the image's pixels exactly."""
     template, image, inputs = await edit_source(form, templates, state, tenant)
     mask = await read_mask(form.mask, image.size)
-    params, described = edit_params(form, image, mask, template, state, inputs)
-    if form.stream:
-        return await submit.stream(params, form.partial_images or 0, described,
-                                   template_id=template.id if template else None)
-    done = await submit(params)
+    control_images = await form_images(form.controlnet, form.controlnet_image)
+    params, described = edit_params(form, image, mask, template, state, inputs, control_images)
+    async with AdapterHold(params.lora, state.adapters):
+        if form.stream:
+            return await submit.stream(params, form.partial_images or 0, described,
+                                       template_id=template.id if template else None)
+        done = await submit(params)
     path = done.result.edit_path or EditPath.FULL
     body = await images_body(done, submit.engine, described, edit_path=path.value,
-                             template_id=template.id if template else None)
+                             template_id=template.id if template else None, **lora_info(params.lora))
     return JSONResponse(body, headers={EDIT_PATH_HEADER: path.value})
+
+
+# A form, or OpenAI's JSON body turned into that form (`json_edits.EditRoute`).
+router.add_api_route(
+    "/v1/images/edits", create_edit, methods=["POST"], route_class_override=EditRoute, response_model=ImagesResponse,
+    responses=ERRORS | EDIT_ERRORS | STREAM_RESPONSE,
+    response_description=f"the edited images; `{EDIT_PATH_HEADER}` says whether the cached path ran",
+)
 
 
 @router.post("/v1/images/variations", response_model=ImagesResponse, responses=ERRORS | EDIT_ERRORS)
@@ -131,7 +141,8 @@ async def edit_source(form: ImageEditForm, templates: TemplateService, state: Wo
 
 
 def edit_params(form: ImageEditForm, image: Image.Image, mask: torch.Tensor, template: Template | None,
-                state: WorkerState, inputs: tuple[tuple[int, int], ...] = ()) -> tuple[GenerationParams, Described]:
+                state: WorkerState, inputs: tuple[tuple[int, int], ...] = (),
+                control_images: Mapping[int, bytes] | None = None) -> tuple[GenerationParams, Described]:
     """The engine's request: the form's settings, else the template's, else this worker's defaults;
     and what the response says of it."""
     s = state.settings
@@ -161,7 +172,11 @@ def edit_params(form: ImageEditForm, image: Image.Image, mask: torch.Tensor, tem
         deadline_ms=form.deadline_ms,
         output_format=form.output_format or "png",
         edit=EditSpec(template_id=template.id if template else None, image=None if template else image,
-                      pixel_mask=mask, strength=keyed["strength"]),
+                      pixel_mask=mask, strength=keyed["strength"],
+                      # cached activations were recorded without adapters or control
+                      use_cache=not form.lora and not form.controlnet),
+        lora=lora_spec(form.lora, form.lora_wait, state),
+        controlnet=controls_for(form.controlnet, state, image.size[0], image.size[1], control_images),
     )
     described = Described(quality=quality, background=background, output_compression=form.output_compression,
                           event="image_edit", input_images=inputs or (image.size,))

@@ -9,6 +9,8 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
+from stepfleet.serving.http.adapters import AdapterHold, lora_info, lora_spec
+from stepfleet.serving.http.controlnets import controls_for
 from stepfleet.serving.http.deps import State, SubmitGeneration
 from stepfleet.serving.http.fields import check_model, check_stream
 from stepfleet.serving.http.json_route import JSONRoute
@@ -32,10 +34,11 @@ router = APIRouter(tags=["images"], route_class=JSONRoute)
 async def create_image(body: ImageGenerationRequest, submit: SubmitGeneration, state: State) -> Response:
     """Make `n` images of `prompt`; they batch with other requests at every denoising step."""
     params, described = generation_params(body, state), described_of(body, state)
-    if body.stream:
-        return await submit.stream(params, body.partial_images or 0, described)
-    done = await submit(params)
-    return JSONResponse(await images_body(done, submit.engine, described))
+    async with AdapterHold(params.lora, state.adapters):
+        if body.stream:
+            return await submit.stream(params, body.partial_images or 0, described)
+        done = await submit(params)
+    return JSONResponse(await images_body(done, submit.engine, described, **lora_info(params.lora)))
 
 
 def described_of(body: ImageGenerationRequest, state: WorkerState) -> Described:
@@ -70,6 +73,8 @@ def generation_params(body: ImageGenerationRequest, state: WorkerState) -> Gener
         original_size=height_width(body.original_size),
         target_size=height_width(body.target_size),
         crop_top_left=body.crops_coords_top_left or (0, 0),
+        lora=lora_spec(body.lora, body.lora_wait, state),
+        controlnet=controls_for(body.controlnet, state, width, height),
     )
     return validate(params, state.limits)
 

@@ -34,6 +34,25 @@ EDIT_ERRORS: dict[int | str, dict[str, Any]] = {
 DEADLINE_ERRORS: dict[int | str, dict[str, Any]] = {
     504: {"model": ErrorResponse, "description": "`deadline_ms` passed before a worker answered (router)"},
 }
+#: The Videos API: jobs looked up by id (404), content not ready (409), a model without videos (501).
+VIDEO_ERRORS: dict[int | str, dict[str, Any]] = {
+    "4XX": {"model": ErrorResponse, "description": "refused (400 names the field), 404: no such video job, "
+                                                   "409: its content is not ready"},
+    429: {"model": ErrorResponse, "description": "the job store or the queue is full; retry after `Retry-After`"},
+    501: {"model": ErrorResponse, "description": "this worker's model does not make videos"},
+    503: ERRORS[503],
+}
+#: The adapter registry (`/v1/adapters`): 404 unknown, 413 too large, 422 not for this model,
+#: 501 a worker without adapters, 507 no disk room for an upload.
+ADAPTER_ERRORS: dict[int | str, dict[str, Any]] = {
+    "4XX": {"model": ErrorResponse, "description": "refused: 400 bad file or field, 404 no such adapter, 413 "
+                                                   "over --max-adapter-bytes, 422 does not fit the model"},
+    501: {"model": ErrorResponse, "description": "this worker serves no LoRA adapters"},
+    503: ERRORS[503],
+    507: {"model": ErrorResponse, "description": "no room on the adapter disk tier for an upload"},
+}
+#: The router's, for video routes: any worker's answer, and the router's own 503/504.
+ROUTER_VIDEO_ERRORS: dict[int | str, dict[str, Any]] = {**VIDEO_ERRORS, **DEADLINE_ERRORS}
 #: Routes that look a template up.
 LOOKUP_ERRORS: dict[int | str, dict[str, Any]] = {
     "4XX": {"model": ErrorResponse, "description": "404: no such template"},

@@ -15,13 +15,16 @@ from typing import TYPE_CHECKING
 from starlette.requests import Request
 
 from stepfleet.serving.contracts import RequestKind
+from stepfleet.serving.controlnet.spec import ControlNetEntry, registered
 from stepfleet.serving.engine import Engine
 from stepfleet.serving.metrics import WorkerMetrics
 from stepfleet.serving.params import Limits
 from stepfleet.serving.settings import WorkerSettings
 
 if TYPE_CHECKING:
+    from stepfleet.serving.adapters.registry import AdapterRegistry
     from stepfleet.serving.edits.service import TemplateService
+    from stepfleet.serving.videos.service import VideoService
 
 #: The size `size: "auto"` means when the runner does not say (test runners without a model).
 FALLBACK_SIZE = (256, 256)
@@ -63,6 +66,12 @@ class WorkerState:
 
     #: Whether `stream: true` can be served: the runner renders partial images (`serving.previews`).
     streaming: bool = False
+    #: The ControlNets requests may name (those of the runner's ControlNet extension).
+    controlnets: tuple[ControlNetEntry, ...] = ()
+    #: LoRA adapters (`/v1/adapters`, `lora` on requests); None while loading or when the runner has none.
+    adapters: AdapterRegistry | None = None
+    #: Video jobs (`/v1/videos`); set by the app factory, served only by a video model (`serving.videos`).
+    videos: VideoService | None = None
 
     def use(self, engine: Engine, templates: TemplateService | None, default_size: tuple[int, int]) -> None:
         """Serve with `engine` (the metrics observe it) once `mark_ready` is called; its runner gets
@@ -72,6 +81,7 @@ class WorkerState:
         engine.observer = self.metrics
         self.engine, self.templates, self.default_size = engine, templates, default_size
         self.streaming = install(engine.runner) is not None
+        self.controlnets = registered(engine.runner)
 
     def mark_ready(self) -> None:
         self.metrics.ready.labels(self.settings.pool).set(1)

@@ -32,7 +32,7 @@ from stepfleet.serving.errors import APIError
 from stepfleet.serving.http.streams import PING_S, StreamedResponse, sse, sse_error
 from stepfleet.serving.images import to_b64
 from stepfleet.serving.metrics import WorkerMetrics
-from stepfleet.serving.params import GenerationParams, StreamSpec
+from stepfleet.serving.params import GenerationParams, InvalidParam, StreamSpec
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class Described:
 
 def latent_tokens(engine: Engine, width: int, height: int) -> int:
     """Tokens of one image: its latent's pixels (for SD: (W/8)·(H/8))."""
-    _, h, w = engine.runner.latent_shape(width, height)
+    h, w = engine.runner.latent_shape(width, height)[-2:]  # (C, h, w), or (C, 1, h, w) for a video family
     return int(h) * int(w)
 
 
@@ -130,6 +130,8 @@ class Submission:
             return Done(ereq.id, params, fut.result())
         except RequestCancelled:
             raise APIError(503, "request was cancelled", code="cancelled") from None
+        except InvalidParam:  # the model refused a field when preparing (e.g. a DiT's size, a scheduler's kind): 400
+            raise
         except Exception as exc:
             log.exception("request %s failed", ereq.id)
             raise APIError(500, f"generation failed: {type(exc).__name__}: {exc}",
@@ -187,6 +189,9 @@ class Submission:
                 result = fut.result()
             except RequestCancelled:
                 yield sse_error(503, "request was cancelled", "cancelled")
+                return
+            except InvalidParam as exc:  # refused by the model when prepared (see `__call__`)
+                yield sse_error(400, exc.message, exc.code, param=exc.param)
                 return
             except Exception as exc:
                 log.exception("request %s failed", ereq.id)

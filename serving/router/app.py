@@ -61,6 +61,7 @@ from stepfleet.serving.http.streams import StreamedResponse
 from stepfleet.serving.jsonbody import parse_object, read_bounded
 from stepfleet.serving.middleware import RequestIdMiddleware
 from stepfleet.serving.router import costing
+from stepfleet.serving.router.adapters import add_adapter_routes, with_lora_affinity
 from stepfleet.serving.router.auth import (
     KeysFileError,
     KeySpec,
@@ -72,9 +73,12 @@ from stepfleet.serving.router.auth import (
 from stepfleet.serving.router.balancing import Balancer
 from stepfleet.serving.router.config import ConfigError, RouterConfig, RouterSettings, parse_config
 from stepfleet.serving.router.discovery import Discovery, StaticDiscovery
+from stepfleet.serving.router.fleet_view import fleet_view
 from stepfleet.serving.router.forwarding import Forwarder, UpstreamReply, make_client
 from stepfleet.serving.router.health import Health
+from stepfleet.serving.router.json_edits import is_json, json_edit_cost
 from stepfleet.serving.router.metrics import RouterMetrics
+from stepfleet.serving.router.playground import install_playground
 from stepfleet.serving.router.state import FleetState
 from stepfleet.serving.router.templates import (
     TemplateHomes,
@@ -85,6 +89,7 @@ from stepfleet.serving.router.templates import (
     registered_id,
 )
 from stepfleet.serving.router.upstream import UpstreamClient, request_target
+from stepfleet.serving.router.videos import VideoHomes, install_videos
 from stepfleet.serving.schemas import (
     ImageEditForm,
     ImageGenerationRequest,
@@ -95,7 +100,7 @@ from stepfleet.serving.schemas import (
     TemplateList,
     TemplateObject,
 )
-from stepfleet.serving.worker_auth import TEMPLATE_ID_HEADER, TENANT_HEADER, bearer, load_token
+from stepfleet.serving.worker_auth import TEMPLATE_ID_HEADER, TENANT_HEADER, TokenFile, bearer
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("stepfleet.router.access")
@@ -160,9 +165,11 @@ class Router:
         self.keys: dict[str, KeySpec] | None = None
         self.limiter = RateLimiter()
         self.homes = TemplateHomes()
-        token = load_token(settings.worker_token_file)
-        #: Sent to every worker with every request: the router's credential.
-        self.worker_headers: list[tuple[str, str]] = [bearer(token)] if token else []
+        self.worker_tokens = TokenFile(settings.worker_token_file)
+        #: Sent to every worker with every request: the router's credential. Updated in place
+        #: when the token file is rotated (`reload_worker_token`), so holders of it see the change.
+        self.worker_headers: list[tuple[str, str]] = []
+        self.reload_worker_token()
         self._config_text: str | None = None
         self._keys_text: str | None = None
         self.apply_config(config)
@@ -202,6 +209,12 @@ class Router:
         self.metrics.config_reloads.labels("ok").inc()
         log.info("router config applied: weights %s", config.weights())
         return True
+
+    def reload_worker_token(self) -> None:
+        """Send the token file's first token from now on (the file is re-read when it changed)."""
+        self.worker_tokens.refresh()
+        token = self.worker_tokens.send
+        self.worker_headers[:] = [bearer(token)] if token else []
 
     def reload_keys(self, strict: bool = False) -> None:
         path = self.settings.api_keys_file
@@ -285,6 +298,7 @@ def create_app(config: RouterConfig, settings: RouterSettings | None = None, *, 
                discovery: Discovery | None = None, client: UpstreamClient | None = None) -> FastAPI:
     settings = settings or RouterSettings()
     router = Router(config, settings, config_path, discovery or StaticDiscovery(), client)
+    video_homes = VideoHomes()
     if config_path:
         router._config_text = Path(config_path).read_text()
 
@@ -352,6 +366,8 @@ def create_app(config: RouterConfig, settings: RouterSettings | None = None, *, 
 
                 return StreamedResponse(reply.stream, status_code=reply.status, headers=reply.headers + extra,
                                         on_close=on_close)
+            if route == "videos" and request.method == "POST" and 200 <= status < 300:
+                video_homes.record_reply(reply)  # follow-ups are pinned to this worker (`router.videos`)
             if route == "templates" and request.method == "POST" and 200 <= status < 300:
                 template_id = registered_id(reply)
                 if template_id:
@@ -373,6 +389,8 @@ def create_app(config: RouterConfig, settings: RouterSettings | None = None, *, 
         async def _plan(_: bytes) -> Plan:
             return Plan(cost)
         return _plan
+
+    add_adapter_routes(app, router, settings.max_body_bytes)
 
     async def fanned_out(request: Request, answer: Callable[[list], Response]) -> Response:
         """Auth, then the same request to every available worker; `answer` makes the reply."""
@@ -431,8 +449,9 @@ def create_app(config: RouterConfig, settings: RouterSettings | None = None, *, 
                 valid = ImageGenerationRequest.model_validate(data)
             except ValidationError as exc:
                 raise validation_error(exc.errors()) from None
-            return Plan(costing.generation_cost(data, settings.default_steps, settings.default_size),
-                        valid.deadline_ms, stream=bool(valid.stream))
+            cost = with_lora_affinity(costing.generation_cost(data, settings.default_steps, settings.default_size),
+                                      data.get("lora"))
+            return Plan(cost, valid.deadline_ms, stream=bool(valid.stream))
 
         return await proxied(request, "generations", plan_of,
                              body_limit=min(settings.max_json_bytes, settings.max_body_bytes))
@@ -459,7 +478,13 @@ def create_app(config: RouterConfig, settings: RouterSettings | None = None, *, 
               | {200: {"model": ImagesResponse, **STREAM_RESPONSE[200]}},
               openapi_extra=documented_body(ImageEditForm, "multipart/form-data"))
     async def edits(request: Request) -> Response:
-        async def plan_of(_: bytes) -> Plan:
+        async def plan_of(body: bytes) -> Plan:
+            if is_json(request.headers.get("content-type", "")):  # OpenAI's JSON edit (images by URL)
+                cost, deadline_ms, stream = json_edit_cost(body, settings.default_steps, settings.default_size)
+                if cost.template_id:
+                    cost = dataclasses.replace(cost, home=router.homes.get(cost.template_id),
+                                               uncached_units=max(cost.uncached_units, TEMPLATE_MISS_UNITS))
+                return Plan(cost, deadline_ms, stream=stream)
             fields = await checked_form(request, ImageEditForm, "image edits")
             if fields.get("image") is None and not fields.get("image[]") and not fields.get("template_id"):
                 raise APIError(400, "image: field required (or send template_id)", param="image",
@@ -472,7 +497,8 @@ def create_app(config: RouterConfig, settings: RouterSettings | None = None, *, 
             for value in fields.values():
                 if hasattr(value, "close"):
                     await value.close()
-            cost = costing.edit_cost(texts, ratio, settings.default_steps, settings.default_size)
+            cost = with_lora_affinity(costing.edit_cost(texts, ratio, settings.default_steps,
+                                                        settings.default_size), texts.get("lora"))
             deadline = texts.get("deadline_ms")
             if cost.template_id:
                 cost = dataclasses.replace(cost, home=router.homes.get(cost.template_id),
@@ -560,6 +586,22 @@ def create_app(config: RouterConfig, settings: RouterSettings | None = None, *, 
     app.api_route("/v1/templates/{template_id}", methods=["PUT", "PATCH", "POST"],
                   include_in_schema=False)(template_other)
 
+    @app.get("/v1/fleet", responses=LOOKUP_ERRORS)
+    async def fleet(request: Request) -> dict[str, Any]:
+        """Pools, ready workers, weights, the mode and the control loop's last decisions with their
+        reasons (`fleet_view`); what the playground's fleet panel shows."""
+        router.authorize(request)
+        return fleet_view(router.fleet.config, router.fleet.snapshot(router.clock()))
+
+    install_videos(app, router, video_homes, proxied, upstream_target)
+    install_playground(app)
+
+    @app.get("/v1/controlnets")
+    async def controlnets(request: Request) -> Response:
+        """The ControlNets requests may name (`controlnet: [...]`): a worker's list (every pool of a
+        service registers the same ones, rendered from `spec.controlnets`)."""
+        return await proxied(request, "other", fixed(costing.trivial_cost()))
+
     # Anything else under /v1 goes to a worker as it is; the workers document it.
     @app.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
     async def other(request: Request, rest: str) -> Response:
@@ -579,6 +621,7 @@ async def _reload_loop(router: Router) -> None:
         await asyncio.sleep(router.settings.reload_s)
         try:
             router.reload_config()
+            router.reload_worker_token()
             if router.settings.api_keys_file:
                 router.reload_keys()
         except Exception:

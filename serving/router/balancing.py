@@ -204,12 +204,13 @@ def choose_endpoint(
     if not usable:
         return None
     home = None
-    if cost.template_id:
+    key = cost.template_id or cost.affinity
+    if key:
         # The template's home is where it is known to be (`cost.home`, when that worker is
         # usable), else the top-ranked usable worker: when the home is down or saturated, the
         # next in rank takes over (and will hold the cache from then on).
         urls = [e.url for e in usable]
-        home = cost.home if cost.home in urls else rendezvous_rank(cost.template_id, urls)[0]
+        home = cost.home if cost.home in urls else rendezvous_rank(key, urls)[0]
 
     def units_on(e: EndpointLoad) -> float:
         return cost.units if home is None or e.url == home else cost.uncached_units

@@ -76,6 +76,9 @@ class RouterConfig(BaseModel):
     service: str | None = None
     model: str | None = None
     pools: tuple[PoolConfig, ...] = ()
+    #: What the control loop last decided (mode, decisions with reasons), for `GET /v1/fleet`;
+    #: read leniently there (`fleet_view`), so a section this router cannot read never stops a reload.
+    control: Any = None
 
     @field_validator("version")
     @classmethod

@@ -37,6 +37,9 @@ class RequestCost:
     template_id: str | None = None
     #: The worker the router knows holds the template (where it was registered), if any.
     home: str | None = None
+    #: Another key to prefer a rendezvous home for (a request's LoRA adapters, `router.adapters`);
+    #: `uncached_units` is its cost away from that home.
+    affinity: str | None = None
 
 
 def parse_size(size: str | None, default: int) -> tuple[int, int]:

@@ -122,25 +122,15 @@ class UpstreamClient:
                 reader, writer = await self._connect(host, port)
                 try:
                     writer.write(raw)
-                    while True:
-                        status, heads, _ = _parse_head(await reader.readuntil(b"\r\n\r\n"))
-                        if status >= 200:
-                            break
+                    status, heads, _ = await _read_head(reader)
                     if not 200 <= status < 300:
                         content, _ = await _read_body(reader, method, status, heads)
                         writer.close()
                         return StreamedReply(status, heads, content)
-                except asyncio.IncompleteReadError:
+                except BaseException as exc:
                     writer.close()
-                    raise UpstreamBroken("connection closed mid-response") from None
-                except (ConnectionError, OSError) as exc:
-                    writer.close()
-                    raise UpstreamBroken(f"{type(exc).__name__}: {exc}") from None
-                except (ValueError, asyncio.LimitOverrunError) as exc:
-                    writer.close()
-                    raise UpstreamBroken(f"malformed response: {exc}") from None
-                except BaseException:
-                    writer.close()
+                    if isinstance(exc, _BROKEN):
+                        raise _as_broken(exc) from None
                     raise
         except TimeoutError:
             raise UpstreamTimeout(f"no answer from {host}:{port} in time") from None
@@ -192,32 +182,20 @@ class UpstreamClient:
         got_any = False
         try:
             writer.write(raw)
-            while True:  # skip interim 1xx responses
-                head = await reader.readuntil(b"\r\n\r\n")
-                got_any = True
-                status, headers, http10 = _parse_head(head)
-                if status >= 200 or status == 101:
-                    break
+            status, headers, http10 = await _read_head(reader)
+            got_any = True
             content, keep = await _read_body(reader, method, status, headers)
             keep = keep and not http10
-        except asyncio.IncompleteReadError as exc:
+        except BaseException as exc:
+            # Timeout or cancellation (the client went away) included: closing the connection
+            # is how the worker learns it, and frees the request's batch slot.
             writer.close()
-            if reused and not got_any and not exc.partial:
-                raise _Stale() from None
-            raise UpstreamBroken("connection closed mid-response") from None
-        except (ConnectionError, OSError) as exc:
-            writer.close()
-            if reused and not got_any:
-                raise _Stale() from None
-            raise UpstreamBroken(f"{type(exc).__name__}: {exc}") from None
-        except (ValueError, asyncio.LimitOverrunError) as exc:
-            writer.close()
-            raise UpstreamBroken(f"malformed response: {exc}") from None
-        except BaseException:
-            # Timeout or cancellation (the client went away): closing the connection is how
-            # the worker learns it, and frees the request's batch slot.
-            writer.close()
-            raise
+            if not isinstance(exc, _BROKEN):
+                raise
+            nothing = not got_any and not (isinstance(exc, asyncio.IncompleteReadError) and exc.partial)
+            if reused and nothing and isinstance(exc, (asyncio.IncompleteReadError, ConnectionError, OSError)):
+                raise _Stale() from None  # the worker closed an idle connection: retry on a new one
+            raise _as_broken(exc) from None
         if keep:
             idle = self._idle.setdefault(key, [])
             if len(idle) < MAX_IDLE_PER_HOST:
@@ -288,6 +266,27 @@ def _parse_head(head: bytes) -> tuple[int, list[tuple[str, str]], bool]:
     return status, headers, version == "HTTP/1.0"
 
 
+#: What a broken or malformed upstream response raises while it is read.
+_BROKEN = (asyncio.IncompleteReadError, ConnectionError, OSError, ValueError, asyncio.LimitOverrunError)
+
+
+def _as_broken(exc: BaseException) -> UpstreamBroken:
+    """One of `_BROKEN` as the router's error (the one map from socket errors to `UpstreamBroken`)."""
+    if isinstance(exc, asyncio.IncompleteReadError):
+        return UpstreamBroken("connection closed mid-response")
+    if isinstance(exc, (ValueError, asyncio.LimitOverrunError)):
+        return UpstreamBroken(f"malformed response: {exc}")
+    return UpstreamBroken(f"{type(exc).__name__}: {exc}")
+
+
+async def _read_head(reader: asyncio.StreamReader) -> tuple[int, list[tuple[str, str]], bool]:
+    """The final response head (interim 1xx responses skipped; a 101 is final)."""
+    while True:
+        status, headers, http10 = _parse_head(await reader.readuntil(b"\r\n\r\n"))
+        if status >= 200 or status == 101:
+            return status, headers, http10
+
+
 async def _iter_body(reader: asyncio.StreamReader, reply: StreamedReply, headers: list[tuple[str, str]],
                      idle_s: float) -> AsyncIterator[bytes]:
     """A streamed body's data as it arrives (chunked framing removed), each piece within `idle_s`;
@@ -317,7 +316,7 @@ async def _iter_body(reader: asyncio.StreamReader, reply: StreamedReply, headers
             yield data
     except TimeoutError:
         raise UpstreamTimeout(f"the stream was silent for {idle_s:g} s") from None
-    except (asyncio.IncompleteReadError, ConnectionError, OSError, ValueError, asyncio.LimitOverrunError) as exc:
+    except _BROKEN as exc:
         raise UpstreamBroken(f"stream broken: {type(exc).__name__}: {exc}") from None
     finally:
         with contextlib.suppress(Exception):

@@ -11,10 +11,10 @@ from typing import Any
 import kmock
 import kopf
 import yaml
-from emulator import Emulator
+from emulator import Emulator, eventually
 from k8s_helpers import CRD_PATH
 
-from stepfleet.operator import handlers, kube
+from stepfleet.operator import handlers, kube, names
 
 NS = "ml"
 DFS = "stepfleet.io/v1alpha1/diffusionservices"
@@ -127,3 +127,43 @@ def condition(obj: dict[str, Any] | None, type_: str) -> dict[str, Any] | None:
         if cond["type"] == type_:
             return cond
     return None
+
+
+#: The namespaced kinds a service owns, by their emulator key.
+CHILD_KEYS = {
+    "ConfigMap": "v1/configmaps",
+    "Service": "v1/services",
+    "PodDisruptionBudget": "policy/v1/poddisruptionbudgets",
+    "Deployment": DEPLOYMENTS,
+}
+
+#: What docs/examples/three-pool-fleet.yaml (service `sd15`) reconciles to.
+EXPECTED_THREE_POOL = {
+    ("ConfigMap", "sd15-router"), ("Service", "sd15-router"), ("Deployment", "sd15-router"),
+    *[(k, f"sd15-{p}") for p in ("l4", "inf2", "tpu-v5e") for k in ("Deployment", "Service", "PodDisruptionBudget")],
+    ("NodePool", "ml-sd15-l4"), ("NodePool", "ml-sd15-inf2"),
+}
+
+
+def children(em: Emulator, name: str = "sd15") -> dict[tuple[str, str], dict[str, Any]]:
+    """Every object service `name` owns, keyed by (kind, name)."""
+    out = {}
+    for kind, key in CHILD_KEYS.items():
+        for obj in em.all(key, NS):
+            if obj["metadata"].get("labels", {}).get(names.LABEL_SERVICE) == name:
+                out[(kind, obj["metadata"]["name"])] = obj
+    for obj in em.all(NODEPOOLS):
+        if obj["metadata"]["labels"].get(names.LABEL_OWNER_NAME) == name:
+            out[("NodePool", obj["metadata"]["name"])] = obj
+    return out
+
+
+async def reconciled(em: Emulator, name: str = "sd15", generation: int | None = None) -> dict[str, Any]:
+    """The service once its status has observed `generation` (default: its current one) and says Ready."""
+    def done():
+        obj = em.fetch(DFS, NS, name)
+        status = (obj or {}).get("status") or {}
+        gen = generation or (obj or {}).get("metadata", {}).get("generation")
+        return obj if status.get("observedGeneration") == gen and condition(obj, "Ready") else None
+
+    return await eventually(done)

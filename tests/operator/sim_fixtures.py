@@ -33,10 +33,12 @@ class Fixed:
     name = "fixed"
 
     def __init__(self, replicas: dict[str, int] | None = None,
-                 weights: dict[str, float] | None = None, period_s: float = float("inf")):
+                 weights: dict[str, float] | None = None, period_s: float = float("inf"),
+                 react_to_loss_s: float | None = None):
         self.replicas = replicas
         self.weights = weights
         self.period_s = period_s
+        self.react_to_loss_s = react_to_loss_s
         self.views: list[FleetView] = []
 
     def step(self, view: FleetView) -> Actions:

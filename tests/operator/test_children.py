@@ -137,6 +137,10 @@ def test_router_config_format_and_weights():
     assert [p["weight"] for p in kept["pools"]] == [0.2, 0.3, 0.5]
     reset = router.config(OWNER, spec, Observed(weights={"l4": 1.0}))  # pool set changed
     assert [p["weight"] for p in reset["pools"]] == [0.5, 0.5, 0.0]
+    # the loop's decisions (router.yaml's `control`) are carried over like the weights
+    assert "control" not in cfg
+    control = {"mode": "cost", "decisions": [{"at": 1.0, "reasons": ["cheapest first"]}]}
+    assert router.config(OWNER, spec, Observed(control=control))["control"] == control
     dep = router.deployment(OWNER, spec)
     c = dep["spec"]["template"]["spec"]["containers"][0]
     assert c["command"][:8] == ["stepfleet", "router", "--config", "/etc/stepfleet/router.yaml",

@@ -105,12 +105,15 @@ def test_schema_rejects_invalid(mutate, field):
     assert any(field in (list(e.path) + [str(e.message)]).__str__() for e in errors)
 
 
-@pytest.mark.parametrize("family", ["sd3", "pixart", "SD15", ""])
+@pytest.mark.parametrize("family", ["kandinsky", "pixart", "SD15", ""])
 def test_admission_refuses_a_family_no_worker_serves(family):
-    """`kubectl apply` of `family: sd3` fails at the API server, naming spec.model.family."""
+    """`kubectl apply` of `family: pixart` fails at the API server, naming spec.model.family."""
     obj = example("cpu-fleet.yaml")
     obj["spec"]["model"]["family"] = family
     (error,) = _validator().iter_errors(obj)
     assert list(error.absolute_path) == ["spec", "model", "family"]
-    assert error.validator == "enum" and error.validator_value == ["sd15", "sd2", "sdxl"]
+    from stepfleet.serving.backbones import FAMILIES
+
+    assert error.validator == "enum" and error.validator_value == list(FAMILIES)
+    assert {"sd15", "sd2", "sdxl", "sd3", "flux"} <= set(FAMILIES)
     assert repr(family) in error.message

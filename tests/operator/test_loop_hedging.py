@@ -61,6 +61,25 @@ async def test_ready_pods_that_vanish_turn_on_capacity_mode_within_one_interval(
             await eventually(lambda: _weights(em)["ondemand"] == 1.0)
 
 
+async def test_a_loss_runs_the_loop_at_once_not_at_the_next_interval():
+    """The Deployment watch wakes the loop (`loop.alarms`): the switch comes in about a tick,
+    not after the rest of a 6 s interval."""
+    interval = 6.0
+    async with emulator() as em, operator(em, LOOP):
+        await _started(em, _fleet(intervalSeconds=interval))
+        async with _workers(em, {"ondemand": 3.0}):
+            await eventually(lambda: _replicas(em, "spot") >= 3, timeout=30)
+            n = _replicas(em, "spot")
+            await _ready(em, "spot", n)
+            await eventually(lambda: _weights(em)["spot"] > 0.5, timeout=30)
+            seen = await eventually(lambda: _status(em)["controlLoop"]["lastDecisionTime"], timeout=10)
+            await eventually(lambda: _status(em)["controlLoop"]["lastDecisionTime"] != seen, timeout=15)
+            lost_at = time.monotonic()  # just after a periodic run: the next is ~6 s away
+            await _ready(em, "spot", 0)
+            await eventually(lambda: _status(em).get("mode") == "capacity", timeout=interval)
+            assert time.monotonic() - lost_at < interval / 2
+
+
 async def test_a_spot_pool_is_hedged_with_on_demand_by_default():
     async with emulator() as em, operator(em, LOOP):
         obj = _fleet()

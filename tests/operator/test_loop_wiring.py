@@ -150,6 +150,10 @@ async def test_scraped_demand_scales_the_cheapest_pool_and_moves_weights():
 
             await eventually(cost_matches_deployments)
             assert condition(em.fetch(DFS, NS, "tiny"), "CapacityShort")["status"] == "False"
+            # the router's config records the decision that moved the weights (its GET /v1/fleet)
+            control = yaml.safe_load(em.fetch("v1/configmaps", NS, "tiny-router")["data"]["router.yaml"])["control"]
+            assert control["mode"] == "cost"
+            assert control["decisions"][0]["weights"]["spot"] > 0.5 and control["decisions"][0]["reasons"]
 
 
 async def test_insufficient_capacity_switches_mode_and_back():

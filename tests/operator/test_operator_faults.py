@@ -19,16 +19,18 @@ from k8s_helpers import example
 from operator_harness import (
     DEPLOYMENTS,
     DFS,
+    EXPECTED_THREE_POOL,
     NODEPOOLS,
     NS,
+    children,
     condition,
     create,
     delete,
     emulator,
     operator,
     patch,
+    reconciled,
 )
-from test_reconcile_emulator import EXPECTED_THREE_POOL, _children, _reconciled
 
 from stepfleet.operator import kube, names
 from stepfleet.operator.children import Owner
@@ -52,12 +54,12 @@ async def test_an_operator_stopped_mid_reconcile_is_resumed_by_the_next_without_
         async with operator(em):
             await create(em, example("three-pool-fleet.yaml"))
             await eventually(lambda: stuck.hits == 1)
-        half = _children(em)
+        half = children(em)
         assert ("ConfigMap", "sd15-router") in half and not any(kind == "Deployment" for kind, _ in half)
         assert not (em.fetch(DFS, NS, "sd15").get("status") or {}).get("observedGeneration")
         async with operator(em):
-            obj = await _reconciled(em)
-        assert set(_children(em)) == EXPECTED_THREE_POOL
+            obj = await reconciled(em)
+        assert set(children(em)) == EXPECTED_THREE_POOL
         assert obj["status"]["observedGeneration"] == 1
         # what the first operator created was adopted, not created again
         assert _posts(em, "configmaps") == 1 and _posts(em, "nodepools") == 2 and _posts(em, "services") == 4
@@ -66,7 +68,7 @@ async def test_an_operator_stopped_mid_reconcile_is_resumed_by_the_next_without_
 async def test_a_deleted_service_waits_for_its_nodepools_and_says_why():
     async with emulator() as em, operator(em):
         await create(em, example("three-pool-fleet.yaml"))
-        await _reconciled(em)
+        await reconciled(em)
         failing = Fault(method="DELETE", path=r"/nodepools/ml-sd15-l4$", status=500, times=10_000)
         em.faults.append(failing)
         await delete(em, "sd15")
@@ -90,7 +92,7 @@ async def test_a_deleted_service_waits_for_its_nodepools_and_says_why():
 async def test_a_forbidden_nodepool_delete_is_retried_until_allowed():
     async with emulator() as em, operator(em):
         await create(em, example("three-pool-fleet.yaml"))
-        await _reconciled(em)
+        await reconciled(em)
         forbidden = Fault(method="DELETE", path=r"/nodepools/", status=403, reason="Forbidden", times=3)
         em.faults.append(forbidden)
         await delete(em, "sd15")
@@ -103,12 +105,12 @@ async def test_an_invalid_spec_edited_to_a_valid_one_builds_everything():
         obj = example("three-pool-fleet.yaml")
         obj["spec"]["pools"][0]["accelerator"]["type"] = "amd-gpu"
         await create(em, obj)
-        invalid = await _reconciled(em)
-        assert condition(invalid, "Ready")["reason"] == "InvalidSpec" and _children(em) == {}
+        invalid = await reconciled(em)
+        assert condition(invalid, "Ready")["reason"] == "InvalidSpec" and children(em) == {}
         pools = example("three-pool-fleet.yaml")["spec"]["pools"]
         await patch(em, "sd15", {"spec": {"pools": pools}})
-        fixed = await _reconciled(em, generation=2)
-        assert set(_children(em)) == EXPECTED_THREE_POOL
+        fixed = await reconciled(em, generation=2)
+        assert set(children(em)) == EXPECTED_THREE_POOL
         ready = condition(fixed, "Ready")
         assert ready["reason"] == "Progressing" and "amd-gpu" not in ready["message"]
         assert ready["observedGeneration"] == 2
@@ -120,12 +122,12 @@ async def test_an_invalid_spec_edited_to_a_valid_one_builds_everything():
 async def test_conflicting_child_patches_are_retried_until_the_spec_holds():
     async with emulator() as em, operator(em):
         await create(em, example("cpu-fleet.yaml"))
-        await _reconciled(em, "tiny")
+        await reconciled(em, "tiny")
         conflicts = Fault(method="PATCH", path=r"/deployments/tiny-(ondemand|spot)$", status=409, reason="Conflict",
                           times=3)
         em.faults.append(conflicts)
         await patch(em, "tiny", {"spec": {"serving": {"image": "registry.example/stepfleet:v2"}}})
-        await _reconciled(em, "tiny", generation=2)
+        await reconciled(em, "tiny", generation=2)
         assert conflicts.times == 0
         for pool in ("ondemand", "spot"):
             container = em.fetch(DEPLOYMENTS, NS, f"tiny-{pool}")["spec"]["template"]["spec"]["containers"][0]
@@ -139,18 +141,18 @@ def _plan(replicas: dict[str, int]) -> Plan:
         for name, n in replicas.items()))
 
 
-async def test_the_loop_acting_on_a_replaced_spec_neither_recreates_nor_rolls_back_children():
+async def test_the_loop_acting_on_a_replaced_spec_neither_recreates_nor_rolls_backchildren():
     """The loop read the spec and the Deployments; then the user edited the spec (dropped the spot
     pool, changed the image) and the reconcile applied it; then the loop acts on what it read."""
     async with emulator() as em, operator(em):
         old = example("cpu-fleet.yaml")
         await create(em, old)
-        body = await _reconciled(em, "tiny")
+        body = await reconciled(em, "tiny")
         read = {pool: em.fetch(DEPLOYMENTS, NS, f"tiny-{pool}") for pool in ("ondemand", "spot")}
         new = example("cpu-fleet.yaml")["spec"]
         new["pools"] = new["pools"][:1]
         await patch(em, "tiny", {"spec": {"pools": new["pools"], "serving": {"image": "registry.example/sf:v2"}}})
-        await _reconciled(em, "tiny", generation=2)
+        await reconciled(em, "tiny", generation=2)
         assert em.fetch(DEPLOYMENTS, NS, "tiny-spot") is None  # pruned with its pool
 
         stale_spec, _ = validate("tiny", old["spec"])
@@ -173,7 +175,7 @@ async def test_the_loop_is_not_held_back_by_status_changes_since_it_read():
     """A Deployment's status moves with every pod that becomes ready; only a spec change is a conflict."""
     async with emulator() as em, operator(em):
         await create(em, example("cpu-fleet.yaml"))
-        body = await _reconciled(em, "tiny")
+        body = await reconciled(em, "tiny")
         read = {pool: em.fetch(DEPLOYMENTS, NS, f"tiny-{pool}") for pool in ("ondemand", "spot")}
         await em.set_status(DEPLOYMENTS, NS, "tiny-spot", {"replicas": 0, "readyReplicas": 0, "observedGeneration": 1})
         spec, _ = validate("tiny", example("cpu-fleet.yaml")["spec"])
@@ -190,7 +192,7 @@ async def test_the_loop_is_not_held_back_by_status_changes_since_it_read():
 async def test_a_dropped_watch_and_a_410_relist_miss_no_change():
     async with emulator() as em, operator(em):
         await create(em, example("cpu-fleet.yaml"))
-        await _reconciled(em, "tiny")
+        await reconciled(em, "tiny")
         # The watch breaks, and while it is down the spec changes and the API server compacts its
         # history: resuming from the last seen resourceVersion answers 410 Gone, kopf lists again.
         lists = len(_dfs_lists(em))
@@ -199,14 +201,14 @@ async def test_a_dropped_watch_and_a_410_relist_miss_no_change():
         await em.drop_watches()
         await patch(em, "tiny", {"spec": {"router": {"replicas": 3}}})
         em.compact()
-        obj = await _reconciled(em, "tiny", generation=2)
+        obj = await reconciled(em, "tiny", generation=2)
         assert len(_dfs_lists(em)) > lists  # it listed again after the 410
         assert em.fetch(DEPLOYMENTS, NS, "tiny-router")["spec"]["replicas"] == 3
         assert obj["status"]["observedGeneration"] == 2
         # a plain dropped watch (no compaction) resumes where it stopped
         await em.drop_watches()
         await patch(em, "tiny", {"spec": {"router": {"replicas": 1}}})
-        await _reconciled(em, "tiny", generation=3)
+        await reconciled(em, "tiny", generation=3)
         assert em.fetch(DEPLOYMENTS, NS, "tiny-router")["spec"]["replicas"] == 1
 
 

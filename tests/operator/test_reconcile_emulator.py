@@ -11,62 +11,28 @@ from k8s_helpers import example
 from operator_harness import (
     DEPLOYMENTS,
     DFS,
+    EXPECTED_THREE_POOL,
     NODEPOOLS,
     NS,
+    children,
     condition,
     create,
     delete,
     emulator,
     operator,
     patch,
+    reconciled,
 )
 
 from stepfleet.operator import names
 
 pytestmark = pytest.mark.timeout(60)
 
-CHILD_KEYS = {
-    "ConfigMap": "v1/configmaps",
-    "Service": "v1/services",
-    "PodDisruptionBudget": "policy/v1/poddisruptionbudgets",
-    "Deployment": DEPLOYMENTS,
-}
-
-
-def _children(em, name="sd15"):
-    out = {}
-    for kind, key in CHILD_KEYS.items():
-        for obj in em.all(key, NS):
-            if obj["metadata"].get("labels", {}).get(names.LABEL_SERVICE) == name:
-                out[(kind, obj["metadata"]["name"])] = obj
-    for obj in em.all(NODEPOOLS):
-        if obj["metadata"]["labels"].get(names.LABEL_OWNER_NAME) == name:
-            out[("NodePool", obj["metadata"]["name"])] = obj
-    return out
-
-
-EXPECTED_THREE_POOL = {
-    ("ConfigMap", "sd15-router"), ("Service", "sd15-router"), ("Deployment", "sd15-router"),
-    *[(k, f"sd15-{p}") for p in ("l4", "inf2", "tpu-v5e") for k in ("Deployment", "Service", "PodDisruptionBudget")],
-    ("NodePool", "ml-sd15-l4"), ("NodePool", "ml-sd15-inf2"),
-}
-
-
-async def _reconciled(em, name="sd15", generation=None):
-    def done():
-        obj = em.fetch(DFS, NS, name)
-        status = (obj or {}).get("status") or {}
-        gen = generation or (obj or {}).get("metadata", {}).get("generation")
-        return obj if status.get("observedGeneration") == gen and condition(obj, "Ready") else None
-
-    return await eventually(done)
-
-
 async def test_create_builds_every_child_with_owner_references():
     async with emulator() as em, operator(em):
         dfs = await create(em, example("three-pool-fleet.yaml"))
-        obj = await _reconciled(em)
-        kids = _children(em)
+        obj = await reconciled(em)
+        kids = children(em)
         assert set(kids) == EXPECTED_THREE_POOL
         for (kind, _), child in kids.items():
             if kind != "NodePool":
@@ -91,7 +57,7 @@ async def test_create_builds_every_child_with_owner_references():
 async def test_ready_counts_follow_deployment_status():
     async with emulator() as em, operator(em):
         await create(em, example("cpu-fleet.yaml"))
-        await _reconciled(em, "tiny")
+        await reconciled(em, "tiny")
         await em.set_status(DEPLOYMENTS, NS, "tiny-ondemand", {"replicas": 1, "readyReplicas": 1})
         await em.set_status(DEPLOYMENTS, NS, "tiny-router", {"replicas": 1, "readyReplicas": 1})
 
@@ -107,7 +73,7 @@ async def test_ready_counts_follow_deployment_status():
 async def test_update_patches_children_and_prunes_removed_pool():
     async with emulator() as em, operator(em):
         await create(em, example("three-pool-fleet.yaml"))
-        await _reconciled(em)
+        await reconciled(em)
         old_uid = em.fetch(DEPLOYMENTS, NS, "sd15-l4")["metadata"]["uid"]
         spec = example("three-pool-fleet.yaml")["spec"]
         spec["model"]["source"] = "hf://stabilityai/sd-turbo"
@@ -115,9 +81,9 @@ async def test_update_patches_children_and_prunes_removed_pool():
         del spec["pools"][0]["nodePool"]  # l4 leaves Karpenter: its NodePool and selector go
         spec["pools"] = spec["pools"][:2]  # the TPU pool leaves the spec
         await patch(em, "sd15", {"spec": {"model": spec["model"], "serving": spec["serving"], "pools": spec["pools"]}})
-        await _reconciled(em, generation=2)
+        await reconciled(em, generation=2)
 
-        kids = _children(em)
+        kids = children(em)
         assert ("Deployment", "sd15-tpu-v5e") not in kids and ("Service", "sd15-tpu-v5e") not in kids
         assert ("NodePool", "ml-sd15-l4") not in kids and ("NodePool", "ml-sd15-inf2") in kids
         dep = kids[("Deployment", "sd15-l4")]
@@ -133,7 +99,7 @@ async def test_update_patches_children_and_prunes_removed_pool():
 async def test_control_loop_replicas_and_weights_survive_reconcile():
     async with emulator() as em, operator(em):
         await create(em, example("cpu-fleet.yaml"))
-        await _reconciled(em, "tiny")
+        await reconciled(em, "tiny")
         # the control loop scales the spot pool and moves traffic to it
         async with em.patch(
             f"/apis/apps/v1/namespaces/{NS}/deployments/tiny-spot",
@@ -148,7 +114,7 @@ async def test_control_loop_replicas_and_weights_survive_reconcile():
         ):
             pass
         await patch(em, "tiny", {"spec": {"router": {"replicas": 2}}})
-        await _reconciled(em, "tiny", generation=2)
+        await reconciled(em, "tiny", generation=2)
         assert em.fetch(DEPLOYMENTS, NS, "tiny-spot")["spec"]["replicas"] == 3
         assert em.fetch(DEPLOYMENTS, NS, "tiny-router")["spec"]["replicas"] == 2
         assert "weight: 0.75" in em.fetch("v1/configmaps", NS, "tiny-router")["data"]["router.yaml"]
@@ -157,7 +123,7 @@ async def test_control_loop_replicas_and_weights_survive_reconcile():
 async def test_delete_removes_nodepools_and_clears_finalizer():
     async with emulator() as em, operator(em):
         await create(em, example("three-pool-fleet.yaml"))
-        await _reconciled(em)
+        await reconciled(em)
         assert len(em.all(NODEPOOLS)) == 2
         await delete(em, "sd15")
         await eventually(lambda: em.fetch(DFS, NS, "sd15") is None)
@@ -174,38 +140,38 @@ async def test_delete_removes_nodepools_and_clears_finalizer():
         (lambda s: s["pools"][2]["accelerator"].pop("topology"), "spec.pools[2].accelerator.topology"),
     ],
 )
-async def test_invalid_spec_sets_condition_and_warns_without_children(mutate, field):
+async def test_invalid_spec_sets_condition_and_warns_withoutchildren(mutate, field):
     async with emulator() as em, operator(em):
         obj = example("three-pool-fleet.yaml")
         mutate(obj["spec"])
         await create(em, obj)
-        dfs = await _reconciled(em)
+        dfs = await reconciled(em)
         ready = condition(dfs, "Ready")
         assert ready["status"] == "False" and ready["reason"] == "InvalidSpec" and field in ready["message"]
         warnings = await eventually(lambda: [e for e in em.all("v1/events", NS) if e["type"] == "Warning"])
         assert warnings[0]["reason"] == "InvalidSpec" and field in warnings[0]["message"]
         assert warnings[0]["involvedObject"]["name"] == "sd15"
-        assert _children(em) == {}
+        assert children(em) == {}
 
 
 async def test_invalid_update_leaves_children_unchanged():
     async with emulator() as em, operator(em):
         await create(em, example("three-pool-fleet.yaml"))
-        await _reconciled(em)
-        before = _children(em)
+        await reconciled(em)
+        before = children(em)
         await patch(em, "sd15", {"spec": {"model": {"source": "ftp://models/sd15"}}})
-        dfs = await _reconciled(em, generation=2)
+        dfs = await reconciled(em, generation=2)
         assert condition(dfs, "Ready")["reason"] == "InvalidSpec"
-        assert _children(em) == before
+        assert children(em) == before
 
 
 async def test_restart_creates_no_duplicates_and_writes_nothing():
     async with emulator() as em:
         async with operator(em):
             await create(em, example("three-pool-fleet.yaml"))
-            await _reconciled(em)
+            await reconciled(em)
             await asyncio.sleep(0.3)  # let status refreshes from Deployment events settle
-        before = _children(em)
+        before = children(em)
         writes_before = len(em.requests_matching("POST", "/(deployments|services|configmaps|nodepools)")) + len(
             em.requests_matching("PATCH", "/(deployments|services|configmaps|nodepools)/")
         )
@@ -214,7 +180,7 @@ async def test_restart_creates_no_duplicates_and_writes_nothing():
             start = len(em._requests)
             await eventually(lambda: any("/deployments/sd15-l4" in r.url.path for r in em._requests[start:]))
             await asyncio.sleep(0.3)
-        assert _children(em) == before
+        assert children(em) == before
         writes_after = len(em.requests_matching("POST", "/(deployments|services|configmaps|nodepools)")) + len(
             em.requests_matching("PATCH", "/(deployments|services|configmaps|nodepools)/")
         )
@@ -231,8 +197,8 @@ async def test_api_faults_are_retried_until_consistent():
         ]
         started = time.monotonic()
         await create(em, example("three-pool-fleet.yaml"))
-        await eventually(lambda: set(_children(em)) == EXPECTED_THREE_POOL, timeout=20)
-        await _reconciled(em)
+        await eventually(lambda: set(children(em)) == EXPECTED_THREE_POOL, timeout=20)
+        await reconciled(em)
         assert all(f.times == 0 for f in em.faults), em.faults
         assert time.monotonic() - started < 20
 
@@ -240,7 +206,7 @@ async def test_api_faults_are_retried_until_consistent():
 async def test_servicemonitor_created_when_prometheus_operator_present():
     async with emulator(prometheus=True) as em, operator(em):
         await create(em, example("cpu-fleet.yaml"))
-        await _reconciled(em, "tiny")
+        await reconciled(em, "tiny")
         (sm,) = em.all("monitoring.coreos.com/v1/servicemonitors", NS)
         assert sm["metadata"]["name"] == "tiny"
         assert sm["spec"]["selector"]["matchLabels"][names.LABEL_SERVICE] == "tiny"
@@ -249,7 +215,7 @@ async def test_servicemonitor_created_when_prometheus_operator_present():
 async def test_without_karpenter_nodepools_are_reported_not_retried_forever():
     async with emulator(karpenter=False) as em, operator(em):
         await create(em, example("cpu-fleet.yaml"))
-        obj = await _reconciled(em, "tiny")
+        obj = await reconciled(em, "tiny")
         degraded = condition(obj, "Degraded")
         assert degraded["status"] == "True" and degraded["reason"] == "KarpenterUnavailable"
         assert "ml-tiny-ondemand" in degraded["message"]
@@ -268,7 +234,7 @@ async def test_foreign_object_with_a_child_name_is_not_taken_over():
         async with em.post(f"/api/v1/namespaces/{NS}/services", json=foreign) as resp:
             assert resp.status == 201
         await create(em, example("cpu-fleet.yaml"))
-        obj = await _reconciled(em, "tiny")
+        obj = await reconciled(em, "tiny")
         degraded = condition(obj, "Degraded")
         assert degraded["status"] == "True" and degraded["reason"] == "ChildConflict"
         assert "Service tiny-router" in degraded["message"]

@@ -79,6 +79,18 @@ def test_outage_loses_in_flight_requests_and_replacements_take_the_provisioning_
     assert 95 <= result.recovery_s[0] <= 110
 
 
+def test_a_controller_that_reacts_to_losses_steps_right_after_one_and_keeps_its_ticks():
+    sc = scenario(events=[{"at_s": 200, "kind": "outage", "pool": "a"},
+                          {"at_s": 330, "kind": "interrupt", "pool": "a", "fraction": 0.5}])
+    reacting = Fixed(weights={"a": 1.0}, period_s=60, react_to_loss_s=5.0)
+    _run(sc, reacting)
+    times = [v.now_s for v in reacting.views]
+    assert times == [0, 60, 120, 180, 205, 240, 300, 335, 360, 420, 480, 540]
+    ticking = Fixed(weights={"a": 1.0}, period_s=60)
+    _run(sc, ticking)
+    assert [v.now_s for v in ticking.views] == [t for t in times if t % 60 == 0]
+
+
 def test_capacity_short_keeps_replicas_pending_and_unbilled():
     sc = scenario(events=[{"at_s": 100, "kind": "capacity_short", "pool": "a",
                            "duration_s": 200}])

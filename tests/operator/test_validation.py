@@ -43,7 +43,7 @@ def test_examples_are_valid():
         (lambda s: s.update(pools=[]), "spec.pools", "at least 1"),
         (lambda s: s["pools"][0].update(replicas=3), "spec.pools[0].replicas", "not permitted"),
         # a family no worker has a backbone for
-        (lambda s: s["model"].update(family="sd3"), "spec.model.family", "'sd15', 'sd2' or 'sdxl'"),
+        (lambda s: s["model"].update(family="sd4"), "spec.model.family", "'sd15', 'sd2', 'sdxl', 'sd3', 'flux' or 'wan'"),
     ],
 )
 def test_problem_names_the_field(mutate, field, words):

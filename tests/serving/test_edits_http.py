@@ -217,8 +217,10 @@ def test_uploads_are_checked_by_their_headers_first(edit_worker):
     url = f"{edit_worker}/v1/images/edits"
     chunked = httpx.post(url, content=iter([b"--x\r\n"]), headers={"content-type": "multipart/form-data; boundary=x"})
     assert chunked.status_code == 411 and chunked.json()["error"]["code"] == "length_required"
-    r = httpx.post(url, json={"prompt": "x"})
+    r = httpx.post(url, content=b"prompt=x", headers={"content-type": "text/plain"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_content_type"
+    r = httpx.post(url, json={"prompt": "x"})  # OpenAI's JSON edit (test_json_edits.py), without images
+    assert r.status_code == 400 and r.json()["error"]["param"] == "images"
     r = httpx.post(url, content=b"--x\r\nContent-Disposition: form-data\r\n\r\nx\r\n--x--\r\n",  # no name
                    headers={"content-type": "multipart/form-data; boundary=x"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_multipart"

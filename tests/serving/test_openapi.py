@@ -19,34 +19,41 @@ from tests.serving.fakes import FakeRunner
 
 #: The fields each POST body documents (OpenAI's first, then stepfleet's), by path.
 FIELDS = {
+    "/v1/adapters": {"name", "file", "source"},
     "/v1/images/generations": {
         "prompt", "model", "n", "size", "response_format", "output_format", "output_compression", "quality",
         "style", "background", "moderation", "user", "safety_identifier", "stream", "partial_images",
         "num_inference_steps", "guidance_scale", "seed",
         "negative_prompt", "scheduler", "priority", "deadline_ms", "original_size", "target_size",
-        "crops_coords_top_left",
+        "crops_coords_top_left", "lora", "lora_wait",
     },
     "/v1/images/edits": {
         "image", "image[]", "mask", "prompt", "model", "n", "size", "response_format", "output_format",
         "output_compression", "quality", "background", "input_fidelity", "user", "safety_identifier", "stream",
         "partial_images", "template_id",
         "num_inference_steps", "guidance_scale", "seed", "scheduler", "strength", "negative_prompt", "priority",
-        "deadline_ms",
+        "deadline_ms", "lora", "lora_wait",
     },
     "/v1/images/variations": {
         "image", "model", "n", "response_format", "size", "user", "output_format", "output_compression", "strength",
         "prompt", "num_inference_steps", "guidance_scale", "seed", "scheduler", "priority", "deadline_ms",
+    },
+    "/v1/videos": {
+        "prompt", "model", "seconds", "size", "input_reference",
+        "num_frames", "fps", "num_inference_steps", "seed", "guidance_scale", "negative_prompt", "priority",
+        "deadline_ms",
     },
     "/v1/templates": {
         "image", "prompt", "negative_prompt", "size", "num_inference_steps", "guidance_scale", "seed", "scheduler",
         "strength",
     },
 }
-MEDIA = {"/v1/images/generations": "application/json", "/v1/images/edits": "multipart/form-data",
+MEDIA = {"/v1/adapters": "multipart/form-data", "/v1/images/generations": "application/json", "/v1/images/edits": "multipart/form-data",
          "/v1/images/variations": "multipart/form-data",
-         "/v1/templates": "multipart/form-data"}
-REQUIRED = {"/v1/images/generations": {"prompt"}, "/v1/images/edits": {"prompt"}, "/v1/images/variations": {"image"},
-            "/v1/templates": {"image"}}
+         "/v1/templates": "multipart/form-data", "/v1/videos": "multipart/form-data"}
+REQUIRED = {"/v1/adapters": {"name"}, "/v1/images/generations": {"prompt"}, "/v1/images/edits": {"prompt"},
+            "/v1/images/variations": {"image"},
+            "/v1/templates": {"image"}, "/v1/videos": {"prompt"}}
 
 WORKER_SETTINGS = WorkerSettings(model="tiny-sd", max_batch=4, max_images=8, max_steps=150, warmup=False)
 ENGINE_BATCH = 3  # the engine given to the worker batches 3 images: so `n` is at most 3 there
@@ -113,7 +120,8 @@ def test_the_worker_documents_its_own_limits(worker_spec):
         assert bound(props["n"], "maximum") == ENGINE_BATCH and bound(props["n"], "minimum") == 1
         assert bound(props["output_compression"], "minimum") == 0
         assert bound(props["output_compression"], "maximum") == 100
-        assert set(_enum(props["scheduler"])) == {"ddim", "euler", "euler_a", "dpmpp_2m", "lcm"}
+        assert set(_enum(props["scheduler"])) == {"ddim", "euler", "euler_a", "dpmpp_2m", "lcm", "flow_euler",
+                                              "flow_heun"}
         assert set(_enum(props["output_format"])) == {"png", "jpeg", "webp"}
     for props in (gen, edit, tmpl):
         assert bound(props["num_inference_steps"], "maximum") == WORKER_SETTINGS.max_steps

@@ -215,8 +215,10 @@ def test_bad_generation_input_never_reaches_a_worker(serve_app, tmp_path, fleet,
 def test_bad_edit_input_names_the_field(serve_app, tmp_path, fleet):
     w0, u0 = fleet[0]
     with router(serve_app, tmp_path, pools_yaml(("a", [u0], 1.0))) as (base, _):
-        r = httpx.post(f"{base}/v1/images/edits", json={"prompt": "x"})
+        r = httpx.post(f"{base}/v1/images/edits", content=b"prompt=x", headers={"content-type": "text/plain"})
         assert r.status_code == 400 and r.json()["error"]["param"] == "content-type"
+        r = httpx.post(f"{base}/v1/images/edits", json={"prompt": "x"})  # OpenAI's JSON edit, without images
+        assert r.status_code == 400 and r.json()["error"]["param"] == "images"
         r = httpx.post(f"{base}/v1/images/edits", files={"image": ("a.png", _png("RGB"), "image/png")})
         assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
         r = httpx.post(f"{base}/v1/images/edits", data={"prompt": "x"}, files={"mask": ("m.png", _png(), "image/png")})
