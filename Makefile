@@ -51,5 +51,12 @@ bench-engine: install
 bench-engine-quick: install
 	$(BIN)/stepfleet bench engine --json --quick
 
+# Issue 19's soak: `stepfleet up` (mini-sd, two workers) at 0.9 of its measured capacity for 10 minutes,
+# a worker killed at 30 % of the run and the restarted one stopped (SIGSTOP) at 60 %; about 13 minutes.
+# Prints the verdict, writes the report; exit code 1 when a criterion fails (docs/reliability.md).
+.PHONY: soak
+soak: install
+	$(BIN)/stepfleet soak --out docs/results/soak-cpu.json
+
 clean:
 	rm -rf $(VENV) build *.egg-info demo.png

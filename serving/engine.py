@@ -326,6 +326,22 @@ class Engine(Generic[S]):
                 "batch_cap": float(self._batching.cap_images),
             }
 
+    def kinds(self) -> tuple[dict[str, int], int]:
+        """(requests waiting for their first step by kind, videos held paused), as of now: the
+        scrape reads these, so a gauge never keeps a count from before requests were cancelled."""
+        with self._cond:
+            live = list(self._live.values()) + list(self._preparing.values())
+        waiting = {"image": 0, "video": 0}
+        paused = 0
+        for r in live:
+            kind = "video" if r.kind is RequestKind.VIDEO else "image"
+            phase = r.seq.phase if r.seq is not None else Phase.WAITING
+            if phase is Phase.WAITING:
+                waiting[kind] += 1
+            elif phase is Phase.PAUSED and kind == "video":
+                paused += 1
+        return waiting, paused
+
     def batching(self) -> BatchingReport:
         """The current batch sizing and learned curves (a snapshot taken on the loop thread)."""
         return self._batching

@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "operator": ("stepfleet.operator.main:main", "run the kopf operator that reconciles DiffusionServices"),
     "router": ("stepfleet.serving.router.cli:main", "run the router: OpenAI-compatible front door over worker pools"),
     "simulate": ("stepfleet.operator.simulator.cli:main", "simulate the cost/capacity loop against baselines"),
+    "soak": ("stepfleet.operator.local.soak:main", "soak a local fleet: load, a killed and a hung worker, leak checks"),
     "train": ("stepfleet.training.cli:main", "train the project's own small model (mini-sd) on Fashion-MNIST scenes"),
     "up": ("stepfleet.operator.local.cli:main", "run a local fleet: router, workers per pool and the control loop"),
     "worker": ("stepfleet.serving.cli:worker_main", "run a worker: the step-level engine behind the image API"),

@@ -46,7 +46,7 @@ PURE_SERVING = [
     "videos/spec.py",
     "videos/jobs.py",
 ]
-PURE_OPERATOR = ["loop/observe.py"]
+PURE_OPERATOR = ["loop/observe.py", "local/soak_load.py", "local/soak_verdict.py"]
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,11 @@ two nets, equally often (the issue's trace).
 from __future__ import annotations
 
 import random
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+
+from stepfleet.serving.bench.step_replay import replay as replay_steps
 
 NETS: tuple[str, ...] = ("A", "B")
 
@@ -55,37 +57,10 @@ def trace(n: int, rate: float, control_share: float = 0.5, seed: int = 0) -> lis
     return out
 
 
-@dataclass
-class _Running:
-    req: Request
-    steps_left: int
-
-
 def _batched(reqs: Sequence[Request], costs: Costs, steps: int, max_batch: int, same_set: bool) -> list[float]:
-    waiting: deque[Request] = deque()
-    pending = deque(sorted(reqs, key=lambda r: r.arrival))
-    running: list[_Running] = []
-    latencies: list[float] = []
-    t = 0.0
-    current: tuple[str, ...] | None = None
-    while pending or waiting or running:
-        while pending and pending[0].arrival <= t:
-            waiting.append(pending.popleft())
-        if not running and not waiting:
-            t = pending[0].arrival
-            continue
-        if same_set and not running:
-            current = waiting[0].controls
-        while waiting and len(running) < max_batch and (not same_set or waiting[0].controls == current):
-            running.append(_Running(waiting.popleft(), steps))
-        by_net = Counter(name for r in running for name in r.req.controls)
-        t += costs.step(len(running), by_net)
-        for r in running:
-            r.steps_left -= 1
-        for r in [r for r in running if r.steps_left == 0]:
-            latencies.append(t - r.req.arrival)
-            running.remove(r)
-    return latencies
+    return replay_steps(reqs, steps, max_batch, lambda running: costs.step(
+        len(running), Counter(name for r in running for name in r.controls)),
+        group=(lambda r: r.controls) if same_set else None)
 
 
 POLICIES: dict[str, Callable[[Sequence[Request], Costs, int, int], list[float]]] = {

@@ -20,9 +20,10 @@ with no adapter.
 from __future__ import annotations
 
 import random
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+from stepfleet.serving.bench.step_replay import replay as replay_steps
 
 NONE = ""  # the adapter state of a request without adapters
 
@@ -64,39 +65,14 @@ def trace(n: int, rate: float, adapters: int = 8, zipf_s: float = 1.1, no_adapte
     return out
 
 
-@dataclass
-class _Running:
-    req: Request
-    steps_left: int
-
-
 def _batched(reqs: Sequence[Request], costs: Costs, steps: int, max_batch: int, one_state: bool) -> list[float]:
     """Latencies under step-level batching (mixed, or one adapter state per batch)."""
-    waiting: deque[Request] = deque()
-    pending = deque(sorted(reqs, key=lambda r: r.arrival))
-    running: list[_Running] = []
-    latencies: list[float] = []
-    t, merged = 0.0, NONE
-    while pending or waiting or running:
-        while pending and pending[0].arrival <= t:
-            waiting.append(pending.popleft())
-        if not running and not waiting:
-            t = pending[0].arrival
-            continue
-        if one_state and not running and waiting and waiting[0].adapter != merged:
-            state = waiting[0].adapter
-            t += (costs.unmerge_s if merged != NONE else 0.0) + (costs.merge_s if state != NONE else 0.0)
-            merged = state
-        while waiting and len(running) < max_batch and (not one_state or waiting[0].adapter == merged):
-            running.append(_Running(waiting.popleft(), steps))
-        lora = 0 if one_state else sum(1 for r in running if r.req.adapter != NONE)
-        t += costs.step(len(running), lora)
-        for r in running:
-            r.steps_left -= 1
-        for r in [r for r in running if r.steps_left == 0]:
-            latencies.append(t - r.req.arrival)
-            running.remove(r)
-    return latencies
+    def switch(merged: object, state: object) -> float:
+        return (costs.unmerge_s if merged != NONE else 0.0) + (costs.merge_s if state != NONE else 0.0)
+
+    return replay_steps(reqs, steps, max_batch, lambda running: costs.step(
+        len(running), 0 if one_state else sum(1 for r in running if r.adapter != NONE)),
+        group=(lambda r: r.adapter) if one_state else None, switch_cost=switch, initial_group=NONE)
 
 
 def _one_at_a_time(reqs: Sequence[Request], costs: Costs, steps: int) -> list[float]:

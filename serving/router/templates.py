@@ -92,9 +92,9 @@ def first_found(replies: Sequence[tuple[EndpointLoad, Reply]]) -> tuple[Endpoint
     return None
 
 
-def merge_lists(replies: Sequence[tuple[EndpointLoad, Reply]]) -> dict[str, Any] | None:
-    """One `TemplateList` of every worker's 2xx listing (each id once, oldest first); None when
-    no worker listed any."""
+def listed_items(replies: Sequence[tuple[EndpointLoad, Reply]]) -> dict[str, dict[str, Any]] | None:
+    """Every item of the workers' 2xx list answers (`{"data": [...]}`), each id once (the first
+    seen); None when no worker answered with a list."""
     seen: dict[str, dict[str, Any]] = {}
     listed = False
     for _, reply in replies:
@@ -110,7 +110,14 @@ def merge_lists(replies: Sequence[tuple[EndpointLoad, Reply]]) -> dict[str, Any]
         for item in data:
             if isinstance(item, dict) and isinstance(item.get("id"), str):
                 seen.setdefault(item["id"], item)
-    if not listed:
+    return seen if listed else None
+
+
+def merge_lists(replies: Sequence[tuple[EndpointLoad, Reply]]) -> dict[str, Any] | None:
+    """One `TemplateList` of every worker's 2xx listing (each id once, oldest first); None when
+    no worker listed any."""
+    seen = listed_items(replies)
+    if seen is None:
         return None
     items = sorted(seen.values(), key=lambda t: (t.get("created") or 0, t["id"]))
     return {"object": "list", "data": items}

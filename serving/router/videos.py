@@ -20,7 +20,13 @@ from fastapi.responses import JSONResponse, Response
 from stepfleet.serving.errors import APIError
 from stepfleet.serving.http.openapi import ROUTER_VIDEO_ERRORS
 from stepfleet.serving.router import costing
-from stepfleet.serving.router.templates import TemplateHomes, ask_all, first_found, registered_id
+from stepfleet.serving.router.templates import (
+    TemplateHomes,
+    ask_all,
+    first_found,
+    listed_items,
+    registered_id,
+)
 from stepfleet.serving.router.upstream import Reply
 from stepfleet.serving.videos.schema import documented_form
 
@@ -64,17 +70,7 @@ class VideoHomes(TemplateHomes):
 
 def merge_video_lists(replies: Sequence[tuple[Any, Reply]], limit: int = 100) -> dict[str, Any]:
     """One OpenAI video list of every worker's 2xx listing, newest first."""
-    items: dict[str, dict[str, Any]] = {}
-    for _, reply in replies:
-        if reply.status != 200:
-            continue
-        try:
-            data = json.loads(reply.content).get("data")
-        except (ValueError, AttributeError):
-            continue
-        for item in data if isinstance(data, list) else []:
-            if isinstance(item, dict) and isinstance(item.get("id"), str):
-                items.setdefault(item["id"], item)
+    items = listed_items(replies) or {}
     ordered = sorted(items.values(), key=lambda v: (v.get("created_at") or 0, v["id"]), reverse=True)
     page = ordered[:limit]
     return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,

@@ -50,3 +50,30 @@ def test_the_operator_renders_per_kind_slos_into_the_worker_command():
     assert (settings.slo_image_s, settings.slo_video_s) == (2.0, 120.0)
     argv = settings.to_argv()
     assert argv[argv.index("--slo-video-s") + 1] == "120.0"
+
+
+def test_the_per_kind_counts_are_read_now_not_left_from_the_last_plan():
+    """The soak found `stepfleet_kind_queue_depth` stuck at 4 after the queue had emptied by
+    cancellations (the gauge was set only when a step was planned); the scrape now reads
+    `Engine.kinds()`."""
+    runner = FakeRunner(step_s=0.05)
+    engine = Engine(runner, EngineConfig(max_batch=1)).start()
+    try:
+        first = engine.submit(GenerationParams(prompt="a", width=128, height=128, num_inference_steps=40,
+                                               guidance_scale=1.0))
+        queued = [engine.submit(GenerationParams(prompt=f"q{i}", width=128, height=128, num_inference_steps=5,
+                                                 guidance_scale=1.0)) for i in range(3)]
+        video = engine.submit(GenerationParams(prompt="v", width=128, height=128, num_inference_steps=5,
+                                               guidance_scale=1.0), kind=RequestKind.VIDEO)
+        deadline = time.monotonic() + 10
+        while engine.kinds() != ({"image": 3, "video": 1}, 0) and time.monotonic() < deadline:
+            time.sleep(0.005)  # the first one running, the rest waiting behind it
+        assert engine.kinds() == ({"image": 3, "video": 1}, 0)
+        for r in [*queued, video]:
+            engine.cancel(r.id)
+        while sum(engine.kinds()[0].values()) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert engine.kinds() == ({"image": 0, "video": 0}, 0)
+        first.future.result(timeout=10)
+    finally:
+        engine.stop()
