@@ -165,7 +165,10 @@ def _load(state: WorkerState, owned: ExitStack) -> None:
                                               disk_dir=s.template_dir))
     edits: EditExtension | None = None
     try:
-        edits = EditExtension(backbone, cache, halo=s.edit_halo)
+        from stepfleet.serving.edits.crop_decode import CropDecode
+
+        edits = EditExtension(backbone, cache, halo=s.edit_halo,
+                              crop=CropDecode(margin=s.edit_crop_margin, max_fraction=s.edit_crop_max_fraction))
         owned.callback(edits.close)
     except NotImplementedError as exc:  # a family or denoiser that masked compute does not know
         log.warning("edits disabled: %s", exc)

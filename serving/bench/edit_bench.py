@@ -10,7 +10,8 @@ every side:
   the template's cached activations, VAE decode and composite), min of interleaved repeats.
   `speedup_vs_engine_full[r]` is the same against the runner's own full-compute edit path.
 - `masked_psnr_db` / `masked_ssim`: the cached result vs full compute with the same template
-  latents, noise and settings (the runner with `use_cache=False`), inside the pixel mask;
+  latents, noise and settings (the runner with `use_cache=False`, decoded in full: the figures
+  include the crop decode's error, `edits.crop_decode`), inside the pixel mask;
   `unmasked_max_abs_diff`: the cached result's pixels vs the template's outside the mask (uint8);
   `full_mask_max_rel_diff`: an all-edit mask, cached vs full latents.
 - `serving`: a Poisson trace of edits (mask ratios uniform in 0.05–0.5) at 0.9 of diffusers'
@@ -68,6 +69,7 @@ class EditBenchConfig:
     trace_seed: int = 11
     cache_bytes: int = 8 << 30
     halo: int | None = None  # None: the worker's default (`edits.masks.default_halo`)
+    crop_decode: bool = False  # decode only the mask's neighbourhood (`edits.crop_decode`; off, as on the worker)
 
 
 def fitting_config(cfg: EditBenchConfig, scheduler_class: type) -> EditBenchConfig:
@@ -124,7 +126,11 @@ class Bench:
         self.cfg = cfg = fitting_config(cfg, type(self.model.pipeline.scheduler))
         self.cache = TemplateCache(max_bytes=cfg.cache_bytes)
         backbone = load_backbone(self.model)
-        self.edits = EditExtension(backbone, self.cache, halo=cfg.halo)
+        from stepfleet.serving.edits.crop_decode import CropDecode
+
+        self.edits = EditExtension(backbone, self.cache, halo=cfg.halo,
+                                   crop=CropDecode() if cfg.crop_decode else CropDecode(max_fraction=0.0))
+        self.crop_decoder = self.edits.decoder
         self.runner = ModelRunner(backbone, extensions=[self.edits])
         pipe = self.model.pipeline
         # The family's own inpainting pipeline from the same components (SD, SDXL, SD3, Flux).
@@ -205,7 +211,11 @@ class Bench:
         base = np.asarray(self.image.convert("RGB"))
         for ratio, m in masks.items():
             t0 = time.perf_counter()
-            _, ref = self.runner_edit(m, use_cache=False, output_type="np")
+            self.edits.decoder = None  # the reference decodes in full: the figures include the crop's error
+            try:
+                _, ref = self.runner_edit(m, use_cache=False, output_type="np")
+            finally:
+                self.edits.decoder = self.crop_decoder
             full_s.append(time.perf_counter() - t0)
             r, got = self.runner_edit(m, use_cache=True, output_type="np")
             got_pil = self.runner.decode(r, output_type="pil").images
@@ -309,7 +319,7 @@ def _per_request_and_costs(b: Bench, cfg: EditBenchConfig, quick: bool, log):
     out: dict[str, Any] = {"benchmark": "edit", "model": cfg.model, "size": f"{cfg.size}x{cfg.size}",
                            "latent": f"{cfg.size // 8}x{cfg.size // 8}", "steps": cfg.steps,
                            "scheduler": cfg.scheduler, "guidance_scale": cfg.guidance_scale,
-                           "threads": torch.get_num_threads(), "quick": quick,
+                           "threads": torch.get_num_threads(), "quick": quick, "crop_decode": cfg.crop_decode,
                            "template_record_s": rec_s, "template_cache_bytes": b.cache.bytes_memory}
     out.update(b.per_request())
     log("  speedup " + ", ".join(f"{k}: {v:.2f}x" for k, v in out["speedup"].items()))

@@ -19,8 +19,9 @@ The extension's hooks (`runner.Extension`) are where all of this happens:
 - `denoising`: around each batched call, the per-row plans for the masked UNet (edits whose
   cached steps are gone fall back to full compute here, once, before the call);
 - `after_step`: latents outside the mask become the template's for the next step;
-- `finish`: a recording marks its template ready and returns no images; an edit returns the
-  composite.
+- `finish`: a recording records its decode's group-norm sums (`crop_decode.NormStats`), marks
+  its template ready and returns no images; an edit returns the composite, decoding only its
+  mask's neighbourhood when it has a template and the crop is small (`crop_decode`).
 
 Templates are added and dropped on the engine's loop thread (`TemplateService`), so the HTTP
 layer never touches the registry, the cache or the masked UNet.
@@ -32,7 +33,7 @@ import enum
 import weakref
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -40,6 +41,15 @@ import torch
 from stepfleet.serving.backbones.base import Backbone, SetsTimesteps
 from stepfleet.serving.contracts import EditPath
 from stepfleet.serving.edits.cache import TemplateCache
+from stepfleet.serving.edits.crop_decode import (
+    CropBox,
+    CropDecode,
+    NormStats,
+    crop_box,
+    decode_edit,
+    recording_norm_stats,
+    vae_decoder,
+)
 from stepfleet.serving.edits.masked_dit import MaskedDiT
 from stepfleet.serving.edits.masked_unet import EditRow, MaskedUNet, RecordRow, Row, expand_rows
 from stepfleet.serving.edits.masks import TokenMasks, composite, default_halo, latent_mask
@@ -81,6 +91,7 @@ class EditState:
     token_masks: TokenMasks | None = None
     pixel_mask: object = None  # (H, W) bool, for the composite after decoding
     base_image: object = None  # PIL image whose pixels are kept outside the mask
+    norm_stats: NormStats | None = None  # the template's decode statistics: a crop decode may stand in
 
     def row_plan(self, state: RequestState) -> RecordRow | EditRow | None:
         if self.kind is EditKind.RECORD:
@@ -102,12 +113,17 @@ class EditExtension:
     (`MaskedDiT`); a backbone without `masked_compute` edits by full compute only."""
 
     def __init__(self, backbone: Backbone, cache: TemplateCache, templates: TemplateRegistry | None = None,
-                 halo: int | None = None) -> None:
+                 halo: int | None = None, crop: CropDecode | None = None) -> None:
         """`halo`: tokens recomputed around an edit at every attention resolution (`masks`);
-        None picks `masks.default_halo` for each edit's latent size."""
+        None picks `masks.default_halo` for each edit's latent size. `crop`: how an edit decodes
+        only its mask's neighbourhood (`crop_decode`; None: its defaults)."""
         self.backbone = backbone
         self.cache = cache
         self.halo = halo
+        self.crop = crop or CropDecode(max_fraction=0.0)  # off unless asked for (an approximation)
+        # The VAE decoder a crop decode cuts (None: every edit decodes in full).
+        vae = getattr(backbone, "decode_vae", None) or getattr(getattr(backbone, "pipe", None), "vae", None)
+        self.decoder = vae_decoder(vae) if self.crop.max_fraction > 0 else None
         self.templates = templates or TemplateRegistry()
         # A family without masked compute still edits, by full compute (`EditPath.FULL`, said in
         # X-Stepfleet-Edit-Path): never the cached path, never a wrong image.
@@ -191,8 +207,10 @@ class EditExtension:
             init = noise * init_noise_sigma(state.scheduler)
         else:
             init = add_noise(state.scheduler, x0.expand_as(noise), noise, state.timesteps[:1].repeat(params.n))
+        stats = template.decode_stats if template is not None else None
         edit = EditState(kind=EditKind.FULL, noised=noised, latent_mask=lm[None, None].to(device),
-                         pixel_mask=spec.pixel_mask, base_image=base)
+                         pixel_mask=spec.pixel_mask, base_image=base,
+                         norm_stats=stats if stats is not None and (stats.h, stats.w) == (h, w) else None)
         state.latents = torch.where(edit.latent_mask, init, noised[0])
         if same and spec.use_cache and self.masked is not None and self.template_cached(template):
             edit.kind, edit.template_id, edit.template_rows = EditKind.CACHED, template.id, template.template_rows
@@ -250,6 +268,13 @@ class EditExtension:
             return following
         return torch.where(edit.latent_mask, latents, following)
 
+    def _crop(self, edit: EditState) -> CropBox | None:
+        """The latent crop this edit decodes, or None to decode in full (no decoder to cut, no template
+        statistics, or a crop that would be most of the image)."""
+        if self.decoder is None or edit.norm_stats is None:
+            return None
+        return crop_box(edit.latent_mask, replace(self.crop, block=edit.norm_stats.block))
+
     def finish(self, state: RequestState, decode: Callable[[], ImageBatch]) -> ImageBatch | None:
         edit = self._states.get(state)  # kept (weakly) while the state lives: decoding again gives the same
         if edit is None:
@@ -257,8 +282,19 @@ class EditExtension:
         if edit.kind is EditKind.RECORD:  # nothing to show: the template is now ready for edits
             template = self.templates.get(edit.template_id or "")
             if template is not None:
+                if self.decoder is not None and state.latents.shape[0] == 1:  # its latents (noised[-1]) decoded once
+                    stats = NormStats(*state.latents.shape[-2:])
+                    with recording_norm_stats(self.decoder, stats):
+                        decode()
+                    template.decode_stats = stats
                 template.state = TemplateState.READY
             return []
+        box = self._crop(edit)
+        if box is not None:  # only the mask's neighbourhood is decoded; the template's pixels elsewhere
+            assert self.decoder is not None and edit.norm_stats is not None
+            inner = crop_box(edit.latent_mask, CropDecode(margin=0, max_fraction=1.0, block=edit.norm_stats.block))
+            return decode_edit(decode, self.decoder, box, edit.base_image, edit.pixel_mask,
+                               int(state.latents.shape[-2]), edit.norm_stats, inner)
         images = decode()
         if isinstance(images, list):
             return [composite(im, edit.base_image, edit.pixel_mask) for im in images]

@@ -76,6 +76,9 @@ class Template:
     latents: Any = None
     noised: list[Any] | None = None
     template_rows: int = 1  # UNet rows recorded per step (2 with classifier-free guidance)
+    #: The decode of its latents' up-path GroupNorm sums (`crop_decode.NormStats`), set when its
+    #: RECORD run finishes: what lets an edit decode only its mask's neighbourhood.
+    decode_stats: Any = None
 
     def public(self, cached: bool) -> dict[str, Any]:
         return {
