@@ -46,6 +46,7 @@ def _images(model: str, size: int, n: int) -> list[Any]:
     return out
 
 
+@torch.inference_mode()  # scoped: a global set_grad_enabled(False) leaked into later tests
 def measure(model: str, size: int, margins: list[int], ratios: list[float], places: int, reps: int,
             n_images: int = 1) -> dict[str, Any]:
     from stepfleet.serving.backbones import load_backbone
@@ -62,7 +63,6 @@ def measure(model: str, size: int, margins: list[int], ratios: list[float], plac
     from stepfleet.serving.edits.masks import latent_mask
     from stepfleet.serving.loading import load_model
 
-    torch.set_grad_enabled(False)
     backbone = load_backbone(load_model(model, device="cpu"))
     vae = getattr(backbone, "decode_vae", None) or backbone.pipe.vae
     decoder = vae_decoder(vae)
