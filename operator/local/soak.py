@@ -44,6 +44,7 @@ from pathlib import Path
 import httpx
 
 from . import soak_load, soak_verdict
+from .demo import stop as stop_fleet
 
 PROMPTS = ("a red ankle boot on a blue background", "a grey sneaker on a white background",
            "a black bag on a green background", "a white shirt on a red background")
@@ -123,17 +124,6 @@ def wait_all_ready(state_dir: Path, proc: subprocess.Popen, workers: int, timeou
                         return state["url"]
             time.sleep(0.5)
     raise TimeoutError(f"{workers} workers were not ready after {timeout_s:.0f}s (logs in {state_dir / 'logs'})")
-
-
-def stop_fleet(proc: subprocess.Popen, timeout_s: float = 60.0) -> int:
-    """SIGINT (Ctrl-C) and wait; SIGKILL when it does not stop in time."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-    try:
-        return proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.wait()
 
 
 # --- requests ----------------------------------------------------------------------------------
