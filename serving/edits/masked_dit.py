@@ -56,6 +56,7 @@ from stepfleet.serving.edits.masked_unet import (
     RecordRow,
     Row,
     TemplateMissingError,
+    fetch_entries,
 )
 
 #: Per family: the transformer's arguments with one row per batch row (split per sub-call).
@@ -262,18 +263,7 @@ class MaskedDiT:
     # -- the per-call entry points (as `MaskedUNet`) -----------------------------------------
     def fetch(self, rows: Sequence[Row]) -> tuple[Entries, set[tuple[str, int]]]:
         """The cached entries the edit rows need, and the (template, step) keys that are gone."""
-        entries: Entries = {}
-        missing: set[tuple[str, int]] = set()
-        for r in rows:
-            key = (r.template_id, r.step) if isinstance(r, EditRow) else None
-            if key is None or key in entries or key in missing:
-                continue
-            got = self.cache.get(*key)
-            if got is None:
-                missing.add(key)
-            else:
-                entries[key] = got
-        return entries, missing
+        return fetch_entries(self.cache, rows)
 
     @contextmanager
     def active(self, rows: Sequence[Row], entries: Entries | None = None) -> Iterator[None]:

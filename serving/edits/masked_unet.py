@@ -86,6 +86,23 @@ Row = RecordRow | EditRow | None
 Entries = dict[tuple[str, int], dict[str, torch.Tensor]]
 
 
+def fetch_entries(cache: TemplateCache, rows: Sequence[Row]) -> tuple[Entries, set[tuple[str, int]]]:
+    """The cached (template, step) entries the edit rows need, and the keys that are gone; shared
+    by the UNet and DiT masked-compute paths."""
+    entries: Entries = {}
+    missing: set[tuple[str, int]] = set()
+    for r in rows:
+        key = (r.template_id, r.step) if isinstance(r, EditRow) else None
+        if key is None or key in entries or key in missing:
+            continue
+        got = cache.get(*key)
+        if got is None:
+            missing.add(key)
+        else:
+            entries[key] = got
+    return entries, missing
+
+
 def expand_rows(
     plan: RecordRow | EditRow | None, n: int, cfg: bool, template_rows: int = 2
 ) -> list[Row]:
@@ -247,18 +264,7 @@ class MaskedUNet:
         The entries are held by reference from here on, so a concurrent eviction cannot take
         them away between this check and the call that uses them.
         """
-        entries: Entries = {}
-        missing: set[tuple[str, int]] = set()
-        for r in rows:
-            key = (r.template_id, r.step) if isinstance(r, EditRow) else None
-            if key is None or key in entries or key in missing:
-                continue
-            got = self.cache.get(*key)
-            if got is None:
-                missing.add(key)
-            else:
-                entries[key] = got
-        return entries, missing
+        return fetch_entries(self.cache, rows)
 
     @contextmanager
     def active(self, rows: Sequence[Row], entries: Entries | None = None) -> Iterator[None]:
