@@ -135,6 +135,12 @@ def _start(state: WorkerState, owned: ExitStack) -> None:
             _load(state, owned)
         assert state.engine is not None
         state.engine.start()
+        if state.compiled is not None:  # every bucket compiles before the first request (and /readyz)
+            from stepfleet.serving.compiled.setup import warm_up
+
+            compiled = state.compiled
+            stats = state.engine.call_on_loop(lambda: warm_up(compiled)).result()
+            log.info("compiled %d buckets in %.1f s", stats.buckets_done, sum(stats.compile_seconds.values()))
         if s.warmup:
             w, h = state.default_size
             state.engine.warmup(GenerationParams(prompt="warm-up", width=w, height=h, num_inference_steps=1,
@@ -158,6 +164,10 @@ def _load(state: WorkerState, owned: ExitStack) -> None:
     from stepfleet.serving.runner import ModelRunner
 
     s = state.settings
+    if s.compile and s.compile_cache:  # before anything compiles
+        from stepfleet.serving.compiled.cache import configure_compile_cache
+
+        configure_compile_cache(s.compile_cache)
     model = load_model(s.model, device=s.device, dtype=s.dtype, local_files_only=s.local_files_only,
                        revision=s.revision, family=s.family)
     backbone = load_backbone(model)
@@ -184,10 +194,18 @@ def _load(state: WorkerState, owned: ExitStack) -> None:
     control = build_controlnets(s, backbone)
     if control is not None:
         owned.callback(control.close)
+    from stepfleet.serving.compiled.setup import compiled_denoiser
+
+    compiled = compiled_denoiser(s, backbone)
     runner = ModelRunner(backbone, extensions=([edits] if edits is not None else []) + lora
-                         + ([control] if control is not None else []))
+                         + ([control] if control is not None else []), compiled=compiled)
     config = EngineConfig(max_batch=s.max_batch, max_queue=s.max_queue, preemption=s.preemption, policy=s.policy,
-                          slo_scale=s.slo_scale, aux=s.aux, slo_image_s=s.slo_image_s, slo_video_s=s.slo_video_s)
+                          slo_scale=s.slo_scale, aux=s.aux, slo_image_s=s.slo_image_s, slo_video_s=s.slo_video_s,
+                          row_buckets=compiled.buckets.rows.rows if compiled is not None else None)
+    state.compiled = compiled
     engine = Engine(runner, config)
-    state.use(engine, _template_service(engine, edits), runner.default_size)
+    default_size = runner.default_size
+    if compiled is not None and default_size not in compiled.buckets.sizes:  # `size: "auto"`, the warm-up
+        default_size = compiled.buckets.sizes[0]
+    state.use(engine, _template_service(engine, edits), default_size)
     state.adapters = adapters[0] if adapters is not None else None

@@ -156,8 +156,10 @@ def build_tiny_sdxl(out_dir: str | os.PathLike[str]) -> Path:
 
 
 def unet_config(name: str) -> dict:
-    """The UNet config of an SD-1.x-family built-in (e.g. to count a real architecture's work on the
-    meta device without building its weights)."""
+    """The UNet config of an SD-1.x- or SDXL-family built-in (e.g. to count a real architecture's work
+    on the meta device, or to build only its denoiser on a GPU, without building the rest)."""
+    if name in (TINY_SDXL, SDXL_RANDOM):
+        return dict(_sdxl_configs(name)["unet"])
     return dict(_configs(name)["unet"])
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from stepfleet.serving.auxwork import AuxWork, resolve_aux_mode
+from stepfleet.serving.compiled.buckets import RowBuckets
 from stepfleet.serving.contracts import Decoded, EditPath, Prepared, RequestKind, Runner, StepResult
 from stepfleet.serving.coschedule import CoScheduleConfig
 from stepfleet.serving.costmodel import StepCostModel, cost_key, key_label
@@ -119,6 +120,8 @@ class EngineConfig:
     #: Where prompt encoding and VAE decoding run: "thread", "inline" (between steps, on the
     #: loop thread) or "auto" (inline when the runner's device is the CPU).
     aux: str = "auto"
+    #: A compiled worker's denoiser row buckets (`serving.compiled.buckets`); None: any batch size.
+    row_buckets: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -192,6 +195,7 @@ class Engine(Generic[S]):
                 preemption=self.config.preemption and self.config.policy != "static",
                 static_wait_s=self.config.static_wait_s,
                 coschedule=self.config.coschedule,
+                row_buckets=RowBuckets(self.config.row_buckets) if self.config.row_buckets else None,
             ),
             self.cost,
         )

@@ -41,6 +41,7 @@ from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from stepfleet.serving.compiled.buckets import RowBuckets, fill_bucket
 from stepfleet.serving.contracts import StepResult
 from stepfleet.serving.coschedule import IMAGE, CoScheduleConfig, overdue, video_yield
 from stepfleet.serving.costmodel import StepCostModel
@@ -122,6 +123,10 @@ class PlannerConfig:
     deadline_sizing: bool = True
     #: How videos yield to images (`serving.coschedule`).
     coschedule: CoScheduleConfig = field(default_factory=CoScheduleConfig)
+    #: A compiled worker's denoiser row buckets (`serving.compiled.buckets`): a step's rows never
+    #: exceed the largest, are padded to the next, and a batch that would spill into a nearly
+    #: empty larger bucket is trimmed to fill the smaller one when that is cheaper per row.
+    row_buckets: RowBuckets | None = None
 
 
 class SizingMode(enum.Enum):
@@ -235,7 +240,11 @@ class StepPlanner:
         unet_total = sum(rows_of.values())
         # A request with more images than a batch holds runs alone (the worker refuses such
         # requests, but a planner that waited for room would hold its whole shape back forever).
+        top = self.config.row_buckets.largest if self.config.row_buckets is not None else None
         while queue and (rows + queue[0].rows <= self.config.max_batch or not batch):
+            if top is not None and batch and unet_total + queue[0].unet_rows > top:
+                reasons.append(f"batch held at {unet_total} rows: the largest compiled bucket is {top}")
+                break
             key = queue[0].cost_key
             if sizing.mode is SizingMode.DEADLINE:
                 if batch and sizing.cap_rows is not None and unet_total + queue[0].unet_rows > sizing.cap_rows:
@@ -258,6 +267,8 @@ class StepPlanner:
 
         if queue and self.config.preemption:
             batch, rows = self._preempt(batch, running, queue, paused, admitted, rows, now, reasons)
+        if self.config.row_buckets is not None and batch:
+            batch = self._fill_bucket(batch, admitted, paused, sizing, reasons)
 
         if not batch:
             return StepPlan(paused=tuple(s.id for s in paused), reasons=tuple(reasons))
@@ -270,6 +281,32 @@ class StepPlanner:
             reasons=(sizing.why, *reasons),
             sizing=sizing,
         )
+
+    def _fill_bucket(self, batch: list[Seq], admitted: list[Seq], paused: list[Seq], sizing: BatchSizing,
+                     reasons: list[str]) -> list[Seq]:
+        """Trim this step's least urgent admissions when filling a smaller bucket beats padding.
+
+        Only plain admissions are trimmed (not when this step preempted: the swap was for
+        urgency), and not under deadline sizing (its batch was simulated whole).
+        """
+        buckets = self.config.row_buckets
+        assert buckets is not None
+        fresh = [s for s in batch if s in admitted]
+        ordered = [s for s in batch if s not in admitted] + fresh
+        rows = [s.unet_rows for s in ordered]
+        if buckets.pad(sum(rows)) is None:  # one request alone larger than every bucket: it runs eager
+            return batch
+        droppable = len(ordered) - len(fresh)
+        if paused or sizing.mode is SizingMode.DEADLINE:
+            droppable = len(ordered)
+        key = ordered[0].cost_key
+        verdict = fill_bucket(rows, droppable, buckets, lambda r: self.cost.step_seconds(key, r),
+                              throughput_first=sizing.mode is SizingMode.BACKLOG)
+        if verdict.why is not None:
+            reasons.append(verdict.why)
+        for s in ordered[verdict.keep:]:
+            admitted.remove(s)
+        return ordered[: verdict.keep]
 
     def _preempt(
         self,

@@ -24,7 +24,7 @@ they touch disjoint requests, and the modules are read-only at inference.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractContextManager, ExitStack
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -49,6 +49,7 @@ from stepfleet.serving.schedulers import (
 if TYPE_CHECKING:
     from diffusers import SchedulerMixin
 
+    from stepfleet.serving.compiled.denoiser import CompiledDenoiser
     from stepfleet.serving.contracts import ImageBatch
 
 
@@ -132,9 +133,12 @@ class InputExtension(Protocol):
 class ModelRunner:
     """Stateless over requests: the engine passes in the `RequestState`s it keeps."""
 
-    def __init__(self, backbone: Backbone, extensions: Sequence[Extension] = ()) -> None:
+    def __init__(self, backbone: Backbone, extensions: Sequence[Extension] = (),
+                 compiled: CompiledDenoiser | None = None) -> None:
         self.backbone = backbone
         self.extensions = list(extensions)
+        #: The denoiser compiled per shape bucket (`serving.compiled`), or None: eager calls.
+        self.compiled = compiled
         self._scheduler_config = backbone.scheduler.config
         self._scheduler_class = type(backbone.scheduler)
 
@@ -172,8 +176,10 @@ class ModelRunner:
         from diffusers.utils.torch_utils import randn_tensor
 
         guided = params.guidance_scale > 1.0 and self.backbone.capabilities.guidance
-        conditioning = self.backbone.encode_prompt(params, guided)
         shape = self.request_shape(params)
+        if self.compiled is not None:  # a size no graph was compiled for: 400, never a recompile
+            self.compiled.check_shape(shape)
+        conditioning = self.backbone.encode_prompt(params, guided)
         scheduler = self.new_scheduler(params.scheduler, params.num_inference_steps, shape)
         # A CPU generator draws the same noise on every backend, so a seed means one image.
         generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -235,10 +241,16 @@ class ModelRunner:
             if isinstance(ext, InputExtension):
                 extras.update(ext.denoiser_inputs(batch, sample, timestep, cond))
         with ExitStack() as stack:
+            changed = False  # an extension that leaves the denoiser alone this step returns a nullcontext
             for ext in self.extensions:
-                stack.enter_context(ext.denoising(batch))
-            noise = self.backbone.denoise(sample, timestep, cond, extras) if extras else \
-                self.backbone.denoise(sample, timestep, cond)
+                context = ext.denoising(batch)
+                changed = changed or not isinstance(context, nullcontext)
+                stack.enter_context(context)
+            if self.compiled is not None:
+                noise = self.compiled(sample, timestep, cond, extras, eager_reason="add-on" if changed else None)
+            else:
+                noise = self.backbone.denoise(sample, timestep, cond, extras) if extras else \
+                    self.backbone.denoise(sample, timestep, cond)
         offset = 0
         for r in batch:
             n = r.images

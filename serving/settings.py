@@ -84,6 +84,28 @@ class WorkerSettings(BaseModel):
     warmup: bool = Field(
         default=True, description="run one short request before reporting ready, so the first client pays no warm-up"
     )
+    compile: bool = Field(
+        default=False, description="compile the denoiser per shape bucket during warm-up (torch.compile; "
+        "CUDA graphs on CUDA); see serving/compiled and docs/accelerators.md",
+    )
+    compile_backend: Literal["auto", "inductor", "aot_eager", "cudagraphs", "openxla"] = Field(
+        default="auto", description="torch.compile backend (auto: openxla on xla devices, inductor elsewhere)",
+    )
+    compile_mode: Literal["auto", "default", "reduce-overhead", "max-autotune-no-cudagraphs"] = Field(
+        default="auto", description="inductor mode (auto: reduce-overhead, i.e. CUDA graphs, on CUDA; default elsewhere)",
+    )
+    bucket_rows: str = Field(
+        default="", description="denoiser row buckets, e.g. '1,2,4,8' (empty: powers of two up to 2 x max_batch); "
+        "a step's batch is padded to the next bucket",
+    )
+    bucket_sizes: str = Field(
+        default="", description="image sizes compiled for, e.g. '512x512,768x768' (empty: the model's default "
+        "size); other sizes are refused with 400 when compiling",
+    )
+    compile_cache: str | None = Field(
+        default=None, description="directory for the persistent compile caches (inductor/Triton, XLA, Neuron); "
+        "back it with a volume so new replicas start without compiling",
+    )
     graceful_shutdown_s: float = Field(default=60.0, ge=0)
     template_cache_bytes: int = Field(
         default=2 * 1024**3, ge=0,

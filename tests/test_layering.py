@@ -45,6 +45,7 @@ PURE_SERVING = [
     "bench/coserve_replay.py",
     "videos/spec.py",
     "videos/jobs.py",
+    "compiled/buckets.py",
 ]
 PURE_OPERATOR = ["loop/observe.py", "local/soak_load.py", "local/soak_verdict.py"]
 

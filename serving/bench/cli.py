@@ -24,6 +24,9 @@ def main(argv: list[str]) -> int:
     eng.add_argument("--seed", type=int, default=7)
     eng.add_argument("--live-loads", default=None,
                      help="comma-separated loads to also run live (default 0.7,1.2,2.0; --quick: 1.2)")
+    eng.add_argument("--compile", action="store_true",
+                     help="also run the continuous engine with the denoiser compiled per row bucket (issue 20)")
+    eng.add_argument("--compile-backend", default="auto", help="torch.compile backend for --compile")
     eng.add_argument("--noise", action="store_true",
                      help="run a CPU-bound competing process on one core during the live runs")
     rtr = sub.add_parser("router", help="router added latency on loopback; predicted vs round-robin vs least-requests")
@@ -75,8 +78,14 @@ def main(argv: list[str]) -> int:
     cnt.add_argument("--size", type=int, default=256)
     cnt.add_argument("--steps", type=int, default=20)
     cnt.add_argument("--max-batch", type=int, default=4)
+    from stepfleet.serving.bench import compile_bench
+
+    compile_bench.add_parser(sub)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+
+    if args.name == "compile":
+        return compile_bench.main(args)
 
     if args.name == "coserve":
         from stepfleet.serving.bench import coserve_bench
@@ -159,7 +168,7 @@ def main(argv: list[str]) -> int:
 
     cfg = BenchConfig(
         model=args.model, device=args.device, dtype=args.dtype, size=args.size, max_batch=args.max_batch,
-        seed=args.seed, noise=args.noise,
+        seed=args.seed, noise=args.noise, compile=args.compile, compile_backend=args.compile_backend,
         live_requests=args.live_requests or (12 if args.quick else 40),
         live_loads=(tuple(float(x) for x in args.live_loads.split(",")) if args.live_loads
                     else (1.2,) if args.quick else (0.7, 1.2, 2.0)),

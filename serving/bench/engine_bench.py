@@ -82,6 +82,10 @@ class BenchConfig:
     noise: bool = False
     #: The peer's batch wait (Ray Serve's `batch_wait_timeout_s`, LitServe's `batch_timeout`).
     peer_wait_s: float = 0.1
+    #: Also run the continuous engine with the denoiser compiled per row bucket (issue 20), against
+    #: the eager one on the same traces: `live_compiled_vs_eager`.
+    compile: bool = False
+    compile_backend: str = "auto"
 
 
 def _params(r: TraceRequest, cfg: BenchConfig) -> GenerationParams:
@@ -208,8 +212,10 @@ def run_live_engine(
     keep_latents: bool = False,
 ) -> tuple[dict[str, float], list[tuple[TraceRequest, EngineResult]]]:
     # Calibrated with this run's table, as a worker calibrates itself after warm-up.
+    buckets = runner.compiled.buckets.rows.rows if runner.compiled is not None else None
     engine = Engine(runner, EngineConfig(max_batch=cfg.max_batch, max_queue=10_000, policy=policy,
-                                         static_wait_s=cfg.static_wait_s, slo_scale=cfg.slo_scale),
+                                         static_wait_s=cfg.static_wait_s, slo_scale=cfg.slo_scale,
+                                         row_buckets=buckets),
                     cost=table.cost_model(runner.latent_shape(cfg.size, cfg.size)))
     engine.keep_latents = keep_latents
     engine.start()
@@ -254,6 +260,10 @@ def run(cfg: BenchConfig, quick: bool, log=lambda msg: print(msg, file=sys.stder
     # Torch phases run on threads that end with them (see `isolated`); the live engines'
     # loop threads and the fifo server thread are likewise the only torch thread while they run.
     model, runner, table = isolated(load_and_measure)
+    compiled_runner, compiled_table, compile_info = None, None, None
+    if cfg.compile:
+        compiled_runner, compiled_table, compile_info = isolated(partial(_compiled_setup, model, runner, cfg, quick,
+                                                                         log))
     cap = fifo_capacity_rps(table, STEP_MIX)
     log(f"fifo capacity {cap:.3f} req/s; step seconds by UNet rows: "
         + ", ".join(f"{k}: {v * 1000:.1f}ms" for k, v in sorted(table.step_s_by_rows.items())))
@@ -285,7 +295,16 @@ def run(cfg: BenchConfig, quick: bool, log=lambda msg: print(msg, file=sys.stder
                 log(f"load {load}: live continuous ...")
                 live["continuous"], results = run_live_engine(runner, trace, cfg, "continuous", table,
                                                                 keep_latents=True)
+                if compiled_runner is not None and compiled_table is not None:
+                    log(f"load {load}: live continuous, compiled ...")
+                    live["compiled"], _ = run_live_engine(compiled_runner, trace, cfg, "continuous", compiled_table)
             entry["live"] = live
+            if "compiled" in live:
+                comp, eager = live["compiled"], live["continuous"]
+                entry["live_compiled_vs_eager"] = {
+                    "mean": comp["mean_s"] / eager["mean_s"], "p95": comp["p95_s"] / eager["p95_s"],
+                    "throughput": comp["throughput_rps"] / eager["throughput_rps"],
+                }
             cont, peer = live["continuous"], live["peer"]
             entry["live_vs_peer"] = {
                 "mean": cont["mean_s"] / peer["mean_s"],
@@ -339,7 +358,37 @@ def run(cfg: BenchConfig, quick: bool, log=lambda msg: print(msg, file=sys.stder
         "solo_vs_mixed_max_rel_diff": solo_diff,
         "wall_s": time.monotonic() - t_start,
     }
+    if compile_info is not None and compiled_table is not None:
+        compile_info["step_s_by_unet_rows"] = {str(k): v for k, v in sorted(compiled_table.step_s_by_rows.items())}
+        out["compile"] = compile_info
+        out["live_compiled_vs_eager"] = {str(e["load"]): e["live_compiled_vs_eager"] for e in loads_out
+                                         if "live_compiled_vs_eager" in e}
     return out
+
+
+def _compiled_setup(model: LoadedModel, runner: ModelRunner, cfg: BenchConfig, quick: bool,
+                    log: Any) -> tuple[ModelRunner, CostTable, dict[str, Any]]:
+    """The same backbone with its denoiser compiled per row bucket, warmed up, and its own cost table."""
+    from stepfleet.serving.compiled.buckets import RowBuckets, ShapeBuckets, default_rows
+    from stepfleet.serving.compiled.denoiser import (
+        CompiledDenoiser,
+        CompileOptions,
+        dynamo_counters,
+    )
+    from stepfleet.serving.runner import ModelRunner
+
+    rows = RowBuckets(default_rows(cfg.max_batch, rows_per_image_of(runner, cfg)))
+    shape = runner.latent_shape(cfg.size, cfg.size)
+    compiled = CompiledDenoiser(runner.backbone, ShapeBuckets(rows=rows, shapes=(shape,), sizes=((cfg.size, cfg.size),)),
+                                CompileOptions(backend=cfg.compile_backend))
+    log(f"compiling {len(rows.rows)} row buckets {rows.rows} ({compiled.backend}, mode {compiled.mode}) ...")
+    stats = compiled.warm_up({shape: compiled.conditioning_rows(cfg.size, cfg.size)})
+    compiled_runner = ModelRunner(runner.backbone, compiled=compiled)
+    log("measuring compiled step costs ...")
+    table = measure_costs(model, compiled_runner, cfg, quick)
+    info = {"backend": compiled.backend, "mode": compiled.mode, "row_buckets": list(rows.rows),
+            "compile_s_by_bucket": stats.compile_seconds, "graphs": dynamo_counters()["unique_graphs"]}
+    return compiled_runner, table, info
 
 
 def batching_limit_rps(table: CostTable, step_mix: Sequence[int], max_batch: int, rows_per_image: int) -> float:
@@ -373,6 +422,9 @@ def summary(result: dict[str, Any]) -> str:
                 lines.append(f"           continuous ended in {b['mode']} sizing, cap {b['cap_images']} images; "
                              f"vs peer: mean {e['live_vs_peer']['mean']:.2f}x p95 {e['live_vs_peer']['p95']:.2f}x "
                              f"thr {e['live_vs_peer']['throughput']:.2f}x")
+    for load, r in result.get("live_compiled_vs_eager", {}).items():
+        lines.append(f"  compiled / eager continuous at {load}: mean {r['mean']:.2f}x p95 {r['p95']:.2f}x "
+                     f"thr {r['throughput']:.2f}x")
     for k, v in result["ratios"].items():
         lines.append(f"  {k}: {v:.3f}")
     lines.append(f"  solo_vs_mixed_max_rel_diff: {result['solo_vs_mixed_max_rel_diff']}")

@@ -29,7 +29,11 @@ async def healthz() -> dict[str, str]:
 async def readyz(state: State) -> JSONResponse:
     if state.ready.is_set():
         return JSONResponse({"status": "ready", "model": state.settings.public_model_name()})
-    body = {"status": "failed" if state.load_error else "loading", "error": state.load_error}
+    body: dict[str, Any] = {"status": "failed" if state.load_error else "loading", "error": state.load_error}
+    if state.compiled is not None:  # warm-up compiles every bucket before the worker is ready
+        snap = state.compiled.snapshot()
+        body["compile"] = {"buckets_compiled": snap.buckets_done, "buckets_total": snap.buckets_total,
+                           "seconds": round(sum(snap.compile_seconds.values()), 1)}
     return JSONResponse(body, status_code=503)
 
 

@@ -23,6 +23,8 @@ from stepfleet.serving.settings import WorkerSettings
 
 if TYPE_CHECKING:
     from stepfleet.serving.adapters.registry import AdapterRegistry
+    from stepfleet.serving.compiled.denoiser import CompiledDenoiser
+    from stepfleet.serving.compiled.metrics import CompileMetrics
     from stepfleet.serving.edits.service import TemplateService
     from stepfleet.serving.videos.service import VideoService
 
@@ -57,6 +59,9 @@ class WorkerState:
     ready: threading.Event = field(default_factory=threading.Event)
     #: Why loading failed (`"FamilyMismatch: ..."`), reported on /readyz.
     load_error: str | None = None
+    #: The denoiser compiled per shape bucket (`--compile`): warm-up progress on /readyz, metrics.
+    compiled: CompiledDenoiser | None = None
+    compile_metrics: CompileMetrics | None = None
     started: int = field(default_factory=lambda: int(time.time()))
 
     @classmethod
