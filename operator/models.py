@@ -283,6 +283,83 @@ class RouterSpec(_Model):
     resources: Resources | None = None
 
 
+#: torch.compile backends and modes a worker accepts (`--compile-backend`, `--compile-mode`).
+CompileBackend = Literal["auto", "inductor", "aot_eager", "cudagraphs", "openxla"]
+CompileMode = Literal["auto", "default", "reduce-overhead", "max-autotune-no-cudagraphs"]
+#: Most shape buckets of either kind (the worker's `compiled.buckets.MAX_BUCKETS`): each is a compile.
+MAX_BUCKETS = 64
+BucketSize = Annotated[str, Field(pattern=r"^[1-9][0-9]{0,4}x[1-9][0-9]{0,4}$", max_length=11)]
+
+
+class CompileSpec(_Model):
+    """Compiled, static-shape execution (issue 20): every shape bucket compiled during warm-up."""
+
+    enabled: bool = Field(
+        default=False,
+        description=(
+            "Compile the denoiser once per shape bucket before a worker reports ready (worker `--compile`; "
+            "CUDA graphs on nvidia-gpu, XLA graphs on aws-neuron and google-tpu). Default: false."
+        ),
+    )
+    backend: CompileBackend = Field(
+        default="auto", description="Worker `--compile-backend` (auto: openxla on XLA devices, inductor elsewhere)."
+    )
+    mode: CompileMode = Field(
+        default="auto", description="Worker `--compile-mode` (auto: reduce-overhead, i.e. CUDA graphs, on CUDA)."
+    )
+    warmup_seconds: int | None = Field(
+        default=None, ge=0, le=86400,
+        description=(
+            "Estimated warm-up compile time of one replica, seconds. It widens the startup probe, the readiness "
+            "timeout and the provisioning time the control loop plans with. Default: per bucket by accelerator "
+            "(nvidia-gpu 120 s, aws-neuron 300 s, google-tpu 180 s, cpu 75 s) times the buckets; see "
+            "docs/accelerators.md."
+        ),
+    )
+
+
+class BucketsSpec(_Model):
+    """The shapes a compiled worker runs: every step's batch is padded up to a row bucket."""
+
+    rows: list[Annotated[int, Field(ge=1, le=4096)]] = Field(
+        default_factory=list, max_length=MAX_BUCKETS,
+        description=(
+            "Denoiser row counts, ascending (an image with guidance takes 2 rows); the largest must hold a full "
+            "batch (2 x maxBatch). Default: powers of two up to 2 x maxBatch, and that itself."
+        ),
+    )
+    sizes: list[BucketSize] = Field(
+        default_factory=list, max_length=MAX_BUCKETS,
+        description="Image sizes `WxH` compiled for (multiples of 8); others are refused with 400. "
+                    "Default: the model's default size.",
+    )
+
+    @model_validator(mode="after")
+    def _well_formed(self) -> BucketsSpec:
+        if self.rows != sorted(set(self.rows)):
+            raise ValueError(f"rows must be ascending and unique (got {self.rows})")
+        for size in self.sizes:
+            width, height = (int(side) for side in size.split("x"))
+            if width % 8 or height % 8:
+                raise ValueError(f"sizes must have sides that are multiples of 8 (got {size})")
+        dupes = sorted({s for s in self.sizes if self.sizes.count(s) > 1})
+        if dupes:
+            raise ValueError(f"sizes must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+
+class CompileCacheSpec(_Model):
+    """An existing PersistentVolumeClaim for the workers' persistent compile caches."""
+
+    claim_name: str = Field(
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", min_length=1, max_length=253,
+        description=(
+            "PersistentVolumeClaim in the service's namespace, mounted read-write in every worker at "
+            "/var/cache/stepfleet/compile (ReadWriteMany, so replicas on several nodes share it)."
+        ),
+    )
+
+
 class ServingSpec(_Model):
     image: str | None = Field(
         default=None, max_length=512, description="Worker image for every pool (a pool's `image` wins)."
@@ -299,6 +376,17 @@ class ServingSpec(_Model):
         ),
     )
     max_controlnets: int = Field(default=2, ge=1, le=8, description="ControlNets one request may name. Default: 2.")
+    compile: CompileSpec = Field(
+        default_factory=CompileSpec, description="Compiled, static-shape execution (see docs/accelerators.md)."
+    )
+    buckets: BucketsSpec | None = Field(
+        default=None, description="Shape buckets of compiled workers (used only with compile.enabled)."
+    )
+    compile_cache: CompileCacheSpec | None = Field(
+        default=None,
+        description="PVC for the persistent compile caches, so a new replica starts without compiling (used only "
+                    "with compile.enabled).",
+    )
 
 
 class ControlNetSpec(_Model):

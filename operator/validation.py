@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from stepfleet.operator import accelerators, names
+from stepfleet.operator import accelerators, compilation, names
 from stepfleet.operator.models import DiffusionServiceSpec
 
 # The worker's own list of builtins (a torch-free import; operator may import serving).
@@ -28,7 +28,7 @@ _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _HF_REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _PVC = re.compile(r"^(?P<claim>[a-z0-9]([-a-z0-9]*[a-z0-9])?)(?P<path>(/[A-Za-z0-9._-]+)*)/?$")
 #: Model-level validators report at the model's location; point at the field they are about.
-_MODEL_RULE_FIELDS = {"minReplicas": ".minReplicas", "pool": ".pools"}
+_MODEL_RULE_FIELDS = {"minReplicas": ".minReplicas", "pool": ".pools", "rows": ".rows", "sizes": ".sizes"}
 SOURCE_SCHEMES = ("hf://", "pvc://", "builtin://")
 
 
@@ -159,4 +159,5 @@ def validate(name: str, spec: Mapping[str, Any] | None) -> tuple[DiffusionServic
         problems.append(Problem("spec.model.source", source))
     elif parsed.model.revision and source.scheme != "hf":
         problems.append(Problem("spec.model.revision", "only hf:// sources have revisions"))
+    problems += [Problem(field, message) for field, message in compilation.bucket_problems(parsed)]
     return (None, problems) if problems else (parsed, [])

@@ -74,3 +74,18 @@ def torch_device(backend: Backend):  # -> torch.device
 
         return xm.xla_device()
     return torch.device(backend.device)
+
+
+def step_boundary(device_type: str) -> None:
+    """End a denoising step on a lazy (XLA) device: cut and run the graph traced since the last one.
+
+    torch-xla records operations lazily; without a cut per step, the scheduler updates of every
+    step would pile into one growing graph (a new compile each step). On TPU and on Neuron (whose
+    PyTorch support is torch-xla) the runner calls this after each batched step; elsewhere it is
+    a no-op. (The compiled denoiser itself runs through torch.compile's `openxla` backend.)
+    """
+    if device_type != "xla":
+        return
+    import torch_xla.core.xla_model as xm  # type: ignore[import-not-found]
+
+    xm.mark_step()

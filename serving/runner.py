@@ -37,6 +37,7 @@ from stepfleet.serving.backbones.base import (
     MakesVideo,
     SetsTimesteps,
 )
+from stepfleet.serving.backends import step_boundary
 from stepfleet.serving.contracts import CACHED_EDIT_VARIANT, Decoded, EditPath, Prepared, Shape
 from stepfleet.serving.params import GenerationParams
 from stepfleet.serving.schedulers import (
@@ -269,6 +270,7 @@ class ModelRunner:
                 latents = ext.after_step(r, latents)
             r.latents = latents
             r.step_index += 1
+        step_boundary(self.device_type)  # XLA: one graph per step, not one growing graph
 
     @torch.inference_mode()
     def decode(self, state: RequestState, keep_latents: bool = False, output_type: str = "pil") -> Decoded:

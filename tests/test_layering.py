@@ -47,7 +47,7 @@ PURE_SERVING = [
     "videos/jobs.py",
     "compiled/buckets.py",
 ]
-PURE_OPERATOR = ["loop/observe.py", "local/soak_load.py", "local/soak_verdict.py"]
+PURE_OPERATOR = ["loop/observe.py", "local/soak_load.py", "local/soak_verdict.py", "compilation.py"]
 
 
 @dataclass(frozen=True)

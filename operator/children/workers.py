@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from stepfleet.operator import accelerators, names
+from stepfleet.operator import accelerators, compilation, names
 from stepfleet.operator.children import secrets
 from stepfleet.operator.children.common import (
     CONTAINER_SECURITY,
@@ -117,12 +117,30 @@ def worker_settings(spec: DiffusionServiceSpec, pool: PoolSpec) -> WorkerSetting
         slo_video_s=spec.slo.video,
         # The router's token (a mounted Secret): without it a worker answers 401 to the API.
         worker_token_file=token.path if token is not None else None,
+        # Compiled pools (issue 20): --compile and its backend, mode, buckets and cache directory.
+        **compilation.worker_fields(spec),
     )
 
 
 def worker_command(spec: DiffusionServiceSpec, pool: PoolSpec) -> list[str]:
     """The worker's argv: `stepfleet worker` and the flags `WorkerSettings.from_argv` reads back."""
-    return ["stepfleet", "worker", *worker_settings(spec, pool).to_argv(always=EXPLICIT_SETTINGS)]
+    always = EXPLICIT_SETTINGS + (compilation.EXPLICIT_COMPILE_SETTINGS if compilation.enabled(spec) else ())
+    return ["stepfleet", "worker", *worker_settings(spec, pool).to_argv(always=always)]
+
+
+def startup_probe(spec: DiffusionServiceSpec, pool: PoolSpec) -> dict[str, Any]:
+    """Hold liveness off until the worker is up, and a compiled worker until it is ready.
+
+    An uncompiled worker's `/healthz` answers while the model loads, so it ends the startup
+    phase at once. A compiled worker probes `/readyz` instead, with `failures x period`
+    covering the model load plus the pool's warm-up (`compilation.warmup_seconds`): while it
+    compiles, a `/healthz` slowed past the probe's timeout must not get it killed. A worker
+    whose compile failed is restarted after that window (its error reaches the status first).
+    """
+    if not compilation.enabled(spec):
+        return http_probe("/healthz", period=STARTUP_PERIOD_S, failures=STARTUP_FAILURES)
+    failures = max(STARTUP_FAILURES, compilation.startup_failures(spec, pool, STARTUP_PERIOD_S))
+    return http_probe("/readyz", period=STARTUP_PERIOD_S, failures=failures)
 
 
 def deployment(owner: Owner, spec: DiffusionServiceSpec, pool: PoolSpec, observed: Observed) -> Manifest:
@@ -159,6 +177,11 @@ def deployment(owner: Owner, spec: DiffusionServiceSpec, pool: PoolSpec, observe
     if source.scheme == "pvc":
         volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": source.claim, "readOnly": True}})
         mounts.append({"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True})
+    if compilation.enabled(spec) and spec.serving.compile_cache is not None:
+        # Read-write and shared: the first replica to compile a bucket fills it for the others.
+        claim = spec.serving.compile_cache.claim_name
+        volumes.append({"name": compilation.COMPILE_CACHE_VOLUME, "persistentVolumeClaim": {"claimName": claim}})
+        mounts.append({"name": compilation.COMPILE_CACHE_VOLUME, "mountPath": compilation.COMPILE_CACHE_MOUNT})
 
     container: dict[str, Any] = {
         "name": "worker",
@@ -170,7 +193,7 @@ def deployment(owner: Owner, spec: DiffusionServiceSpec, pool: PoolSpec, observe
         "resources": res,
         "readinessProbe": http_probe("/readyz", period=5, failures=3),
         "livenessProbe": http_probe("/healthz", period=10, failures=6),
-        "startupProbe": http_probe("/healthz", period=STARTUP_PERIOD_S, failures=STARTUP_FAILURES),
+        "startupProbe": startup_probe(spec, pool),
         "securityContext": dict(CONTAINER_SECURITY),
         "volumeMounts": mounts,
     }
@@ -186,6 +209,11 @@ def deployment(owner: Owner, spec: DiffusionServiceSpec, pool: PoolSpec, observe
         pod_spec["nodeSelector"] = selector
     if tolerations:
         pod_spec["tolerations"] = tolerations
+    deployment_spec: dict[str, Any] = {}
+    if compilation.enabled(spec):
+        # A rollout whose new pod compiles for longer than the default 600 s is not stalled.
+        window = container["startupProbe"]["failureThreshold"] * STARTUP_PERIOD_S
+        deployment_spec["progressDeadlineSeconds"] = max(600, window + 60)
 
     return {
         "apiVersion": "apps/v1",
@@ -197,6 +225,7 @@ def deployment(owner: Owner, spec: DiffusionServiceSpec, pool: PoolSpec, observe
             # Surge one at a time and never drop below the current count: accelerators are scarce
             # and a new replica spends minutes loading the model before it can serve.
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            **deployment_spec,
             "template": {
                 "metadata": {
                     "labels": labels,

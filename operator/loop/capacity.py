@@ -103,7 +103,8 @@ def shortages_from_pods(pods: Iterable[Mapping[str, Any]], now_s: float, grace_s
 
 
 def shortages_from_unready_pods(
-    pods: Iterable[Mapping[str, Any]], now_s: float, stuck_grace_s: float, readiness_timeout_s: float
+    pods: Iterable[Mapping[str, Any]], now_s: float, stuck_grace_s: float, readiness_timeout_s: float,
+    pool_timeouts_s: Mapping[str, float] | None = None,
 ) -> dict[str, float]:
     """pool -> since when a scheduled pod has failed to become Ready.
 
@@ -111,7 +112,8 @@ def shortages_from_unready_pods(
     placed: a crash loop or an image that cannot be pulled counts after `stuck_grace_s`; a
     pod that runs but stays un-ready (a model that fails to load keeps the worker up with
     /readyz at 503) counts after `readiness_timeout_s`, which must cover a normal model load
-    (0 turns this second signal off).
+    (0 turns this second signal off). `pool_timeouts_s` overrides it per pool: a compiled
+    pool's timeout adds its warm-up compiles (`operator.compilation.readiness_timeouts`).
     """
     out: dict[str, float] = {}
     for pod in pods:
@@ -120,7 +122,8 @@ def shortages_from_unready_pods(
             continue
         since, stuck = found
         waited = now_s - since
-        if (stuck and waited >= stuck_grace_s) or (readiness_timeout_s > 0 and waited >= readiness_timeout_s):
+        timeout = (pool_timeouts_s or {}).get(pool, readiness_timeout_s)
+        if (stuck and waited >= stuck_grace_s) or (timeout > 0 and waited >= timeout):
             out[pool] = min(out.get(pool, since), since)
     return out
 

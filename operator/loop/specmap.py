@@ -8,6 +8,7 @@ lost together (one spot market, one instance family), others are not.
 
 from __future__ import annotations
 
+from stepfleet.operator import compilation
 from stepfleet.operator.models import DiffusionServiceSpec
 from stepfleet.operator.models import PoolSpec as ServicePool
 from stepfleet.operator.policy import ControlSettings, PolicySpec, PoolSpec, SloSpec
@@ -31,7 +32,8 @@ def policy_spec(spec: DiffusionServiceSpec) -> PolicySpec:
                 price_per_hour=p.price_per_hour,
                 throughput_rps_per_replica=p.throughput_per_replica or DEFAULT_THROUGHPUT_RPS,
                 latency_s=slo_latency * DEFAULT_LATENCY_SHARE,
-                provision_s=loop.provisioning_seconds,
+                # A compiled pool's replicas also compile every shape bucket before serving.
+                provision_s=compilation.provisioning_seconds(spec, p),
                 min_replicas=p.min_replicas,
                 max_replicas=p.max_replicas,
                 failure_domain=failure_domain(p),

@@ -43,7 +43,7 @@ import httpx
 import kopf
 from prometheus_client import CollectorRegistry
 
-from stepfleet.operator import applying, kube, names
+from stepfleet.operator import applying, compilation, kube, names
 from stepfleet.operator import conditions as cond
 from stepfleet.operator.models import API_GROUP, API_VERSION, PLURAL, DiffusionServiceSpec
 from stepfleet.operator.policy import Plan, Signals, StepMemory, control_step
@@ -182,7 +182,8 @@ def run_once(
             ),
             capacity.shortages_from_pods(cluster.pods, now_s, loop.pending_grace_seconds),
             capacity.shortages_from_unready_pods(cluster.pods, now_s, loop.pending_grace_seconds,
-                                                 loop.readiness_timeout_seconds),
+                                                 loop.readiness_timeout_seconds,
+                                                 compilation.readiness_timeouts(spec)),
             # A failed model load will not heal by itself: short at once, not after the timeout.
             {pool: failure.since_s for pool, failure in load_failures.items()},
         )

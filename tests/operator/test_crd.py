@@ -12,7 +12,7 @@ from k8s_helpers import CRD_PATH, crd_schema, example, openapi_to_jsonschema
 
 from stepfleet.operator import crdgen
 
-EXAMPLE_FILES = ["three-pool-fleet.yaml", "cpu-fleet.yaml"]
+EXAMPLE_FILES = ["three-pool-fleet.yaml", "cpu-fleet.yaml", "compiled-neuron.yaml"]
 
 
 def _validator() -> jsonschema.Draft202012Validator:
