@@ -7,6 +7,7 @@ numbers (1.4-1.6e-6 relative to eager on the CPU, 1.6-2.1e-3 in float16 on an H2
 `stepfleet bench compile` (docs/benchmarks.md); the slow test below runs it on one bucket.
 """
 
+import contextlib
 import threading
 import time
 from types import SimpleNamespace
@@ -67,6 +68,46 @@ def test_compiled_equals_eager_in_every_bucket_and_under_padding(compiled_runner
     assert rel(unguided, unguided_eager) < TOL
     stats = compiled_runner.compiled.snapshot()
     assert stats.compiled_calls > 0 and stats.eager_calls == {}
+
+
+class Hooking:
+    """An add-on that changes the denoiser on the steps of one request (as LoRA or a cached edit do)."""
+
+    def __init__(self, target):
+        self.target, self.entered = target, 0
+
+    def prepare(self, state):
+        pass
+
+    def denoising(self, batch):
+        if not any(r.params.prompt == self.target for r in batch):
+            return contextlib.nullcontext()
+
+        @contextlib.contextmanager
+        def hooked():
+            self.entered += 1
+            yield
+
+        return hooked()
+
+    def after_step(self, state, latents):
+        return latents
+
+    def finish(self, state, decode):
+        return None
+
+
+def test_steps_an_add_on_changes_run_eager_and_compile_nothing(compiled_runner, runner):
+    hooking = Hooking("a hooked prompt")
+    hooked = ModelRunner(compiled_runner.backbone, extensions=[hooking], compiled=compiled_runner.compiled)
+    before_graphs = dynamo_counters()["unique_graphs"]
+    before = dict(compiled_runner.compiled.snapshot().eager_calls)
+    target = run(hooked, [gp("a hooked prompt", seed=5), gp(seed=6)], 3)[0].latents
+    plain = run(hooked, [gp(seed=6)], 2)
+    after = compiled_runner.compiled.snapshot().eager_calls
+    assert hooking.entered == 3 and after.get("add-on", 0) - before.get("add-on", 0) == 3
+    assert rel(target, run(runner, [gp("a hooked prompt", seed=5)], 3)[0].latents) < TOL
+    assert plain[0].step_index == 2 and dynamo_counters()["unique_graphs"] == before_graphs
 
 
 def test_a_size_outside_every_bucket_is_refused_not_compiled(compiled_runner):
