@@ -247,6 +247,15 @@ class PoolSpec(_Model):
     throughput_per_replica: float | None = Field(
         default=None, gt=0, description="Measured images per second one replica sustains at the SLO, if known."
     )
+    video_throughput_per_replica: float | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "Measured video jobs per second one replica sustains, if known (a video costs one to two orders of "
+            "magnitude an image's device time, so the control loop plans videos apart). Default: "
+            "throughputPerReplica / 30."
+        ),
+    )
     max_batch: int | None = Field(default=None, ge=1, le=256, description="Overrides serving.maxBatch for this pool.")
     controlnet_placement: ControlNetPlacement | None = Field(
         default=None, description="Overrides serving.controlnetPlacement for this pool."

@@ -30,6 +30,7 @@ never calibrated, to the median of its last samples — stale, but the best evid
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import deque
 from collections.abc import Hashable, Iterator, Mapping
@@ -271,7 +272,8 @@ def _interpolate(per_rows: Mapping[int, float], rows: int) -> float:
 
 
 def _tokens(shape: tuple) -> int | None:
+    """Latent positions a step computes: h x w, times the frames of a video's (C, F, h, w)."""
     nums = [d for d in shape if isinstance(d, int)]
     if len(nums) < 2:
         return None
-    return nums[-1] * nums[-2]
+    return math.prod(nums[1:]) if len(nums) >= 4 else nums[-1] * nums[-2]

@@ -358,7 +358,8 @@ class Engine(Generic[S]):
         total = 0.0
         mb = self.config.max_batch
         for r in list(self._live.values()) + list(self._preparing.values()):
-            key = r.seq.cost_key if r.seq else self.runner.latent_shape(r.params.width, r.params.height)
+            # A request still being prepared is priced by its own shape (a video's frames included).
+            key = r.seq.cost_key if r.seq else self.runner.request_shape(r.params)
             rows_per_image = 2 if r.params.guidance_scale > 1 else 1
             steps = r.seq.steps_left if r.seq else r.params.num_inference_steps
             full_step = self.cost.step_seconds(key, mb * rows_per_image)

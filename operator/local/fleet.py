@@ -221,7 +221,7 @@ def control_step(
     metrics = scraping.metrics_from_scrapes(
         previous, scrapes, worker_pools, [p.name for p in pools], now_s - previous_at, spec.slo.percentile,
     )
-    signals = Signals(arrival_rps=metrics.arrival_rps, window_s=metrics.window_s,
+    signals = Signals(arrival_rps=metrics.arrival_rps, window_s=metrics.window_s, video_rps=metrics.video_rps,
                       pools=pool_observations(pools, desired, workers, metrics,
                                               shortages(workers, now_s, ready_grace_s)))
     plan, memory.step = policy_step(memory.step, signals, spec, now_s)

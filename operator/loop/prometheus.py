@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from stepfleet.serving import metrics as worker_metrics
+from stepfleet.serving.contracts import RequestKind
 
 from .errors import ObservationError
 from .measured import Metrics, PoolMetrics
@@ -25,11 +26,14 @@ def prometheus_window(interval_s: float) -> float:
 
 
 def prometheus_queries(namespace: str, service: str, window_s: float, quantile: float) -> dict[str, str]:
-    """PromQL for the loop: per-pool request rate, latency quantile and queue depth."""
+    """PromQL for the loop: per-pool request rate (all kinds, and videos), latency quantile and
+    queue depth."""
     selector = f'namespace="{namespace}",service=~"{service}-.+"'
     window = f"{max(1, round(window_s))}s"
     return {
         "requests": f"sum by (pool) (rate({worker_metrics.REQUESTS}{{{selector}}}[{window}]))",
+        "videos": (f'sum by (pool) (rate({worker_metrics.REQUESTS}{{{selector},kind="{RequestKind.VIDEO.value}"}}'
+                   f"[{window}]))"),
         "latency": (
             f"histogram_quantile({quantile:g}, sum by (pool, le) "
             f"(rate({worker_metrics.REQUEST_SECONDS}_bucket{{{selector}}}[{window}])))"
@@ -60,11 +64,16 @@ def _vector(answer: Any, what: str) -> dict[str, float]:
 
 
 def metrics_from_prometheus(answers: Mapping[str, Any], pools: Iterable[str], window_s: float) -> Metrics:
-    """Metrics from the decoded answers to `prometheus_queries` (same keys)."""
+    """Metrics from the decoded answers to `prometheus_queries` (same keys).
+
+    An answer set without `videos` (a caller that did not ask for the split) counts no video;
+    an answer that is there is checked like the others.
+    """
     requests = _vector(answers.get("requests"), "requests")
     latency = _vector(answers.get("latency"), "latency")
     queue = _vector(answers.get("queue"), "queue")
-    for what, values in (("requests", requests), ("queue", queue)):
+    videos = _vector(answers["videos"], "videos") if "videos" in answers else {}
+    for what, values in (("requests", requests), ("queue", queue), ("videos", videos)):
         if any(v < 0 or math.isinf(v) for v in values.values()):
             raise ObservationError(f"Prometheus {what} query gave a negative or infinite value")
     out = {}
@@ -74,6 +83,8 @@ def metrics_from_prometheus(answers: Mapping[str, Any], pools: Iterable[str], wi
             requests_rps=requests.get(pool, 0.0),
             latency_s=lat if lat is not None and math.isfinite(lat) and lat >= 0 else None,
             queue_depth=queue.get(pool, 0.0),
+            # Two queries over one window can disagree by a scrape: never more videos than requests.
+            video_rps=min(videos.get(pool, 0.0), requests.get(pool, 0.0)),
         )
     return Metrics(window_s=window_s, pools=out)
 

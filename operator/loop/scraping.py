@@ -3,7 +3,8 @@
 Counters of every ready pool pod, differenced between two scrapes (a counter that went down
 restarted: its value is the increase, as Prometheus's `rate` treats it; a pod seen once
 contributes from its second scrape on). The latency quantile is Prometheus's
-`histogram_quantile` over the merged bucket increases.
+`histogram_quantile` over the merged bucket increases. Video jobs (`kind="video"`) are counted
+apart as well as in the total, so the policy can plan them in device time (`policy.kinds`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from prometheus_client.parser import text_string_to_metric_families
 
 from stepfleet.serving import metrics as worker_metrics
+from stepfleet.serving.contracts import RequestKind
 
 from .errors import ObservationError
 from .measured import Metrics, PoolMetrics
@@ -28,11 +30,14 @@ class WorkerSample:
     #: Request-latency histogram summed over kinds: (upper bound, cumulative count), ascending.
     latency_buckets: tuple[tuple[float, float], ...]
     queue_depth: float
+    #: Cumulative video jobs (`kind="video"`) among `requests_total`.
+    video_requests_total: float = 0.0
 
 
 def parse_worker_metrics(text: str) -> WorkerSample:
     """Read a worker's `/metrics` (Prometheus text format); raises ObservationError if malformed."""
     requests = 0.0
+    videos = 0.0
     buckets: dict[float, float] = {}
     queue = 0.0
     seen = False
@@ -42,6 +47,8 @@ def parse_worker_metrics(text: str) -> WorkerSample:
                 value = float(sample.value)
                 if sample.name == worker_metrics.REQUESTS:
                     requests += value
+                    if sample.labels.get("kind") == RequestKind.VIDEO.value:
+                        videos += value
                     seen = True
                 elif sample.name == worker_metrics.REQUEST_SECONDS + "_bucket":
                     le = float(sample.labels["le"])
@@ -55,9 +62,9 @@ def parse_worker_metrics(text: str) -> WorkerSample:
         raise ObservationError(
             f"worker metrics lack {worker_metrics.REQUESTS} and {worker_metrics.QUEUE_DEPTH}"
         )
-    if any(not math.isfinite(v) or v < 0 for v in (requests, queue, *buckets.values())):
+    if any(not math.isfinite(v) or v < 0 for v in (requests, queue, videos, *buckets.values())):
         raise ObservationError("worker metrics hold negative or non-finite values")
-    return WorkerSample(requests, tuple(sorted(buckets.items())), queue)
+    return WorkerSample(requests, tuple(sorted(buckets.items())), queue, videos)
 
 
 def histogram_quantile(q: float, buckets: Sequence[tuple[float, float]]) -> float | None:
@@ -99,6 +106,7 @@ def metrics_from_scrapes(
     for pool in pools:
         pods = [name for name, p in pod_pools.items() if p == pool and name in current]
         requests = 0.0
+        videos = 0.0
         queue = 0.0
         merged: dict[float, float] = {}
         for pod in pods:
@@ -107,6 +115,7 @@ def metrics_from_scrapes(
             if before is None:
                 continue
             requests += _increase(now.requests_total, before.requests_total)
+            videos += _increase(now.video_requests_total, before.video_requests_total)
             old = dict(before.latency_buckets)
             for le, count in now.latency_buckets:
                 merged[le] = merged.get(le, 0.0) + _increase(count, old.get(le))
@@ -114,6 +123,7 @@ def metrics_from_scrapes(
             requests_rps=requests / window_s,
             latency_s=histogram_quantile(quantile, sorted(merged.items())),
             queue_depth=queue,
+            video_rps=videos / window_s,
         )
     return Metrics(window_s=window_s, pools=out)
 

@@ -31,6 +31,7 @@ def policy_spec(spec: DiffusionServiceSpec) -> PolicySpec:
                 name=p.name,
                 price_per_hour=p.price_per_hour,
                 throughput_rps_per_replica=p.throughput_per_replica or DEFAULT_THROUGHPUT_RPS,
+                video_throughput_rps_per_replica=p.video_throughput_per_replica,
                 latency_s=slo_latency * DEFAULT_LATENCY_SHARE,
                 # A compiled pool's replicas also compile every shape bucket before serving.
                 provision_s=compilation.provisioning_seconds(spec, p),

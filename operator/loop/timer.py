@@ -188,7 +188,7 @@ def run_once(
             {pool: failure.since_s for pool, failure in load_failures.items()},
         )
         signals = Signals(
-            arrival_rps=metrics.arrival_rps, window_s=metrics.window_s,
+            arrival_rps=metrics.arrival_rps, window_s=metrics.window_s, video_rps=metrics.video_rps,
             pools=observe.pool_observations([p.name for p in spec.pools], cluster.deployments, metrics, shortages),
         )
     except Exception as exc:  # noqa: BLE001 - whatever went wrong, keep the last plan and say why

@@ -75,7 +75,7 @@ def cost_allocation(pools: tuple[PoolView, ...], demand_rps: float,
 
 def capacity_shares(pools: Iterable[PoolView]) -> dict[str, float]:
     """Each available pool's share of the deficit: proportional to what it can serve."""
-    reach = {p.name: p.throughput_rps * p.max_replicas for p in pools if p.meets_slo}
+    reach = {p.name: p.request_throughput_rps * p.max_replicas for p in pools if p.meets_slo}
     total = sum(reach.values())
     if total <= 0:
         return {}

@@ -7,7 +7,8 @@ operator's behaviour.
 
 Steps, each in its own module:
   1. resolve pools: spec limits merged with what was observed and the provisioning times
-     learned so far (`pools`, `losses`);
+     learned so far (`pools`, `losses`), and what a request of the current mix of images
+     and videos costs each pool in device time (`kinds`);
   2. losses: a pool whose ready replicas fell far below what was ready and planned is
      short, like one Karpenter cannot place (`losses`);
   3. plan demand: the current rate raised along its trend for one provisioning delay plus
@@ -75,7 +76,7 @@ def decide(observation: Observation, state: PolicyState,
     mode = choose_mode(spec.mode, state, memories, pools, cost.replicas, now, control)
     cost = replace(cost, replicas=hedged.replicas)
 
-    reasons = [_demand_reason(rate, trend, lookahead), *losses.reasons]
+    reasons = [_demand_reason(rate, trend, lookahead), *_kind_reasons(pools, rate), *losses.reasons]
     if mode.mode == "cost":
         planned_rps = cost_rps
         allocation = cost
@@ -173,6 +174,16 @@ def _nodepool_limit(pool: PoolView, replicas: int, surge: float) -> int:
 def _demand_reason(rate: float, trend: float, lookahead: float) -> str:
     return (f"demand {rate:.2f} rps, trend {trend:+.4f} rps/s; planning {lookahead:.0f}s "
             "ahead (provisioning delay + interval)")
+
+
+def _kind_reasons(pools: tuple[PoolView, ...], rate: float) -> list[str]:
+    """With video traffic: how the demand splits and what a request of the mix costs per pool."""
+    share = pools[0].video_share if pools else 0.0
+    if share <= 0:
+        return []
+    costs = ", ".join(f"{p.name} {p.units_per_request:.2f}" for p in pools)
+    return [f"demand mix: {rate * (1 - share):.2f} images/s and {rate * share:.3f} videos/s "
+            f"({share:.1%} videos); image-equivalents per request: {costs}"]
 
 
 def _cost_reason(pools: tuple[PoolView, ...], allocation: Allocation, planned: float,

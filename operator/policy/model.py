@@ -55,6 +55,10 @@ class PoolSpec:
     service_cv: float = 0.1
     failure_domain: str = ""
     capacity_type: CapacityType = "on-demand"
+    #: Video jobs per second one replica sustains (None: `throughput_rps_per_replica` /
+    #: `kinds.DEFAULT_VIDEO_COST_IMAGES`). A video job costs one to two orders of magnitude
+    #: more device time than an image, so counting it as one request under-provisions.
+    video_throughput_rps_per_replica: float | None = None
 
     @property
     def domain(self) -> str:
@@ -160,6 +164,8 @@ class PoolObservation:
     latency_s: float | None = None
     queue_depth: float = 0.0
     capacity_short_since: float | None = None
+    #: Measured video jobs per second per replica (wins over the spec's, like the image figure).
+    video_throughput_rps_per_replica: float | None = None
 
 
 @dataclass(frozen=True)
@@ -170,6 +176,8 @@ class Observation:
     arrival_rps: float
     arrival_trend_rps_per_s: float = 0.0
     pools: tuple[PoolObservation, ...] = ()
+    #: Fraction of `arrival_rps` that are video jobs (0: images only, planned as before).
+    video_share: float = 0.0
 
     def pool(self, name: str) -> PoolObservation | None:
         for pool in self.pools:

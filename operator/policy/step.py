@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from .decide import decide
 from .demand import estimate_demand
+from .kinds import video_share
 from .model import Observation, Plan, PolicySpec, PolicyState, PoolObservation
 
 #: Interval rates the demand trend is fitted over (a quarter hour at one-minute intervals).
@@ -32,6 +33,8 @@ class StepMemory:
     #: The last plan and the demand estimate it was made for.
     plan: Plan | None = None
     demand_rps: float = 0.0
+    #: (time_s, video_rps) interval rates at the same times as `samples` (videos among them).
+    video_samples: tuple[tuple[float, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,8 @@ class Signals:
     arrival_rps: float | None
     window_s: float
     pools: tuple[PoolObservation, ...] = ()
+    #: Video jobs per second among `arrival_rps` (0: images only).
+    video_rps: float = 0.0
 
 
 def control_step(memory: StepMemory, signals: Signals, spec: PolicySpec,
@@ -55,9 +60,13 @@ def control_step(memory: StepMemory, signals: Signals, spec: PolicySpec,
         return None, memory
     sample = (now_s - signals.window_s / 2.0, max(0.0, signals.arrival_rps))
     estimate = estimate_demand([*memory.samples, sample][-TREND_SAMPLES:], signals.window_s, now_s)
+    kept = tuple(estimate.samples)[-TREND_SAMPLES:]
+    times = {t for t, _ in kept}
+    videos = tuple((t, r) for t, r in (*memory.video_samples, (sample[0], max(0.0, signals.video_rps)))
+                   if t in times)
     observation = Observation(now_s=now_s, arrival_rps=estimate.rate_rps,
                               arrival_trend_rps_per_s=estimate.trend_rps_per_s,
-                              pools=signals.pools)
+                              pools=signals.pools, video_share=video_share(kept, videos))
     plan, state = decide(observation, memory.state, spec)
-    return plan, StepMemory(state=state, samples=tuple(estimate.samples)[-TREND_SAMPLES:],
-                            plan=plan, demand_rps=estimate.rate_rps)
+    return plan, StepMemory(state=state, samples=kept, plan=plan, demand_rps=estimate.rate_rps,
+                            video_samples=videos)

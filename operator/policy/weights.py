@@ -29,7 +29,7 @@ def route_weights(pools: tuple[PoolView, ...], replicas: Mapping[str, int],
     }
     if sum(servable.values()) <= 0:
         # Every queue is backed up (or no pool meets the SLO): spread by raw throughput.
-        servable = {p.name: kept[p.name] * p.throughput_rps for p in pools if kept[p.name] > 0}
+        servable = {p.name: kept[p.name] * p.request_throughput_rps for p in pools if kept[p.name] > 0}
     total = sum(servable.values())
     if total <= 0:
         return {p.name: 0.0 for p in pools}

@@ -119,7 +119,7 @@ def test_malformed_prometheus_answers_are_refused(answer):
 
 def test_prometheus_queries_select_the_service_workers():
     queries = observe.prometheus_queries("ml", "tiny", 60, 0.9)
-    assert set(queries) == {"requests", "latency", "queue"}
+    assert set(queries) == {"requests", "videos", "latency", "queue"}
     assert all('namespace="ml",service=~"tiny-.+"' in q for q in queries.values())
     assert "histogram_quantile(0.9," in queries["latency"] and "[60s]" in queries["requests"]
 

@@ -197,6 +197,8 @@ def _prometheus(answers: dict[str, Any]):
         if "failure" in answers:
             return answers["failure"]
         q = query.get("query", [""])[0]
+        if 'kind="video"' in q:  # the video jobs among the requests: none unless the test says
+            return 200, "application/json", vector(answers.get("videos", {}))
         key = "latency" if q.startswith("histogram_quantile") else "queue" if "queue_depth" in q else "requests"
         return 200, "application/json", vector(answers[key])
 
@@ -221,6 +223,19 @@ async def test_prometheus_demand_and_pods_that_give_no_capacity(spot_pod):
             short = condition(em.fetch(DFS, NS, "tiny"), "CapacityShort")
             assert short["status"] == "True" and "spot" in short["message"]
             await eventually(lambda: _events(em, "ModeChanged"))
+
+
+async def test_prometheus_video_demand_is_planned_in_device_time():
+    """0.1 of 3 requests/s are videos (30 images of device time each by default): spot goes to
+    its maximum and ondemand grows (3 images/s alone plan 6 spot and 1 ondemand)."""
+    answers = {"requests": {"ondemand": 3.0}, "videos": {"ondemand": 0.1}, "latency": {}, "queue": {}}
+    with serve(_prometheus(answers)) as prom:
+        async with emulator() as em, operator(em, LOOP):
+            await _started(em, _fleet(prometheusUrl=prom.url))
+            await eventually(lambda: _replicas(em, "spot") == 8 and _replicas(em, "ondemand") >= 3, timeout=15)
+            assert any('kind="video"' in q for q in prom.queries())
+            reasons = _status(em)["controlLoop"]["reasons"]
+            assert any("0.100 videos/s (3.3% videos)" in r for r in reasons), reasons
 
 
 @pytest.mark.parametrize(

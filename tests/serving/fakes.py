@@ -41,6 +41,9 @@ class FakeRunner:
     def latent_shape(self, width: int, height: int) -> tuple[int, int, int]:
         return (4, height // 8, width // 8)
 
+    def request_shape(self, params) -> tuple[int, int, int]:
+        return self.latent_shape(params.width, params.height)
+
     def prepare(self, params, seed):
         if params.prompt == self.fail_prompt:
             raise ValueError("cannot encode this prompt")
