@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         print(__version__)
         return 0
     name, rest = argv[0], argv[1:]
+    from stepfleet.allocator import single_malloc_arena
+
+    single_malloc_arena()  # before any thread: the step loop's allocations share the main arena
     if name not in COMMANDS:
         print(f"stepfleet: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2

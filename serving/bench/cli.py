@@ -71,6 +71,8 @@ def main(argv: list[str]) -> int:
     cos.add_argument("--model", default="tiny-wan")
     cos.add_argument("--device", default="auto")
     cos.add_argument("--load", type=float, default=0.9, help="offered load relative to one-at-a-time capacity")
+    cos.add_argument("--size", type=int, default=128, help="image and video side (larger: video denoising dominates)")
+    cos.add_argument("--video-frames", type=int, default=81)
     cnt = sub.add_parser("controlnet", help="mixed ControlNet step batches vs batches of one ControlNet set")
     cnt.add_argument("--json", action="store_true", help="print the JSON result on stdout")
     cnt.add_argument("--quick", action="store_true", help="a small size, few repeats, a short trace (< 1 min)")
@@ -90,7 +92,8 @@ def main(argv: list[str]) -> int:
     if args.name == "coserve":
         from stepfleet.serving.bench import coserve_bench
 
-        base = coserve_bench.CoserveBenchConfig(model=args.model, device=args.device, load=args.load)
+        base = coserve_bench.CoserveBenchConfig(model=args.model, device=args.device, load=args.load, size=args.size,
+                                                video_frames=args.video_frames)
         vcfg = (dataclasses.replace(base, reps=2, replay_requests=600, seeds=(0,), live_requests=8,
                                     live_video_frames=9, full_video_decode=False) if args.quick else base)
         vresult = coserve_bench.run(vcfg, quick=args.quick)
