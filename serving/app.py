@@ -202,7 +202,11 @@ def _load(state: WorkerState, owned: ExitStack) -> None:
     config = EngineConfig(max_batch=s.max_batch, max_queue=s.max_queue, preemption=s.preemption, policy=s.policy,
                           slo_scale=s.slo_scale, aux=s.aux, slo_image_s=s.slo_image_s, slo_video_s=s.slo_video_s,
                           row_buckets=compiled.buckets.rows.rows if compiled is not None else None)
-    state.compiled = compiled
+    if compiled is not None:
+        from stepfleet.serving.compiled.metrics import CompileMetrics
+
+        state.compiled = compiled
+        state.compile_metrics = CompileMetrics(s.pool, state.metrics.registry)
     engine = Engine(runner, config)
     default_size = runner.default_size
     if compiled is not None and default_size not in compiled.buckets.sizes:  # `size: "auto"`, the warm-up

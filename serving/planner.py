@@ -296,11 +296,11 @@ class StepPlanner:
         rows = [s.unet_rows for s in ordered]
         if buckets.pad(sum(rows)) is None:  # one request alone larger than every bucket: it runs eager
             return batch
-        droppable = len(ordered) - len(fresh)
-        if paused or sizing.mode is SizingMode.DEADLINE:
-            droppable = len(ordered)
+        # Members from this index on may wait for the next step: none after a preemption or under
+        # deadline sizing, else this step's plain admissions.
+        first_droppable = len(ordered) if paused or sizing.mode is SizingMode.DEADLINE else len(ordered) - len(fresh)
         key = ordered[0].cost_key
-        verdict = fill_bucket(rows, droppable, buckets, lambda r: self.cost.step_seconds(key, r),
+        verdict = fill_bucket(rows, first_droppable, buckets, lambda r: self.cost.step_seconds(key, r),
                               throughput_first=sizing.mode is SizingMode.BACKLOG)
         if verdict.why is not None:
             reasons.append(verdict.why)

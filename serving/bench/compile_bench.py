@@ -28,7 +28,12 @@ import torch
 
 from stepfleet.serving.backbones.base import Backbone
 from stepfleet.serving.compiled.buckets import RowBuckets, ShapeBuckets, parse_rows
-from stepfleet.serving.compiled.denoiser import CompiledDenoiser, CompileOptions, dynamo_counters
+from stepfleet.serving.compiled.denoiser import (
+    CompiledDenoiser,
+    CompileOptions,
+    bucket_label,
+    dynamo_counters,
+)
 
 
 def _sync(device: torch.device) -> None:
@@ -136,7 +141,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "eager_ms": round(secs["eager"] * 1000, 3),
                 "compiled_ms": round(secs["compiled"] * 1000, 3),
                 "eager_over_compiled": round(secs["eager"] / secs["compiled"], 3),
-                "compile_s": round(warm.compile_seconds[f"{rows}x" + "x".join(map(str, shape))], 2),
+                "compile_s": round(warm.compile_seconds[bucket_label(rows, shape)], 2),
                 "max_rel_diff": _rel(compiled_out, eager_out),
                 "padded_max_rel_diff": padded,
             }

@@ -26,10 +26,6 @@ async def metrics(state: State) -> PlainTextResponse:
         m.paused_videos.labels(pool).set(paused_videos)
     if state.templates is not None:
         m.observe_cache(state.templates.cache.snapshot())
-    if state.compiled is not None:
-        from stepfleet.serving.compiled.metrics import CompileMetrics
-
-        if state.compile_metrics is None:
-            state.compile_metrics = CompileMetrics(pool, m.registry)
+    if state.compiled is not None and state.compile_metrics is not None:
         state.compile_metrics.observe(state.compiled)
     return PlainTextResponse(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
