@@ -138,7 +138,7 @@ def test_prometheus_evaluates_the_queries_to_the_split(tmp_path):
     """The real PromQL engine (promtool's rule unit tests) over the workers' own series."""
     queries = observe.prometheus_queries("ml", "tiny", 60, 0.9)
 
-    def series(kind: str, status: str, per_15s: int) -> dict:
+    def series(kind: str, status: str, per_15s: float) -> dict:
         labels = (f'namespace="ml",service="tiny-gpu",pool="gpu",kind="{kind}",status="{status}",'
                   'pod="tiny-gpu-0"')
         return {"series": f"stepfleet_requests_total{{{labels}}}", "values": f"0+{per_15s}x40"}
@@ -150,17 +150,19 @@ def test_prometheus_evaluates_the_queries_to_the_split(tmp_path):
         "tests": [{
             "interval": "15s",
             "input_series": [
-                series("generation", "ok", 27), series("edit", "ok", 3),  # 1.8 + 0.2 images/s
-                series("video", "ok", 6), series("video", "invalid", 0),  # 0.4 videos/s
+                # dyadic rates, so the sum is exact whatever order Prometheus adds them in
+                # (promtool compares samples exactly; 1.8 + 0.2 + 0.4 came out 2.4000000000000004)
+                series("generation", "ok", 22.5), series("edit", "ok", 7.5),  # 1.5 + 0.5 images/s
+                series("video", "ok", 3.75), series("video", "invalid", 0),  # 0.25 videos/s
                 # another service's workers are not ours
                 {"series": 'stepfleet_requests_total{namespace="ml",service="other-gpu",pool="gpu",'
                            'kind="video",status="ok"}', "values": "0+60x40"},
             ],
             "promql_expr_test": [
                 {"expr": queries["requests"], "eval_time": "5m",
-                 "exp_samples": [{"labels": '{pool="gpu"}', "value": 2.4}]},
+                 "exp_samples": [{"labels": '{pool="gpu"}', "value": 2.25}]},
                 {"expr": queries["videos"], "eval_time": "5m",
-                 "exp_samples": [{"labels": '{pool="gpu"}', "value": 0.4}]},
+                 "exp_samples": [{"labels": '{pool="gpu"}', "value": 0.25}]},
             ],
         }],
     }
