@@ -27,6 +27,9 @@ def main(argv: list[str]) -> int:
     eng.add_argument("--compile", action="store_true",
                      help="also run the continuous engine with the denoiser compiled per row bucket (issue 20)")
     eng.add_argument("--compile-backend", default="auto", help="torch.compile backend for --compile")
+    eng.add_argument("--live-rounds", type=int, default=None,
+                     help="live rounds of the peer/continuous pair, in alternating order, pooled (default 2; "
+                          "--quick 1)")
     eng.add_argument("--noise", action="store_true",
                      help="run a CPU-bound competing process on one core during the live runs")
     rtr = sub.add_parser("router", help="router added latency on loopback; predicted vs round-robin vs least-requests")
@@ -62,6 +65,8 @@ def main(argv: list[str]) -> int:
     lra.add_argument("--steps", type=int, default=20)
     lra.add_argument("--max-batch", type=int, default=4)
     lra.add_argument("--rank", type=int, default=16)
+    lra.add_argument("--reps", type=int, default=None,
+                     help="timed repeats per batch, interleaved, medians taken (default 15; --quick 2)")
     lra.add_argument("--disk-delay-ms", type=float, default=0.0,
                      help="added to each adapter file read (a slow disk or hub): time to first step, bounded vs full")
     cos = sub.add_parser("coserve", help="images and videos on one worker: stepfleet vs FIFO, SJF, static "
@@ -121,7 +126,7 @@ def main(argv: list[str]) -> int:
 
         lcfg = lora_bench.LoraBenchConfig(
             model=args.model, size=args.size or (128 if args.quick else 256), steps=args.steps, max_batch=args.max_batch,
-            rank=args.rank, reps=2 if args.quick else 5, replay_requests=200 if args.quick else 400,
+            rank=args.rank, reps=args.reps or (2 if args.quick else 15), replay_requests=200 if args.quick else 400,
             disk_delay_ms=args.disk_delay_ms,
         )
         result = lora_bench.run(lcfg, quick=args.quick)
@@ -176,6 +181,7 @@ def main(argv: list[str]) -> int:
         live_loads=(tuple(float(x) for x in args.live_loads.split(",")) if args.live_loads
                     else (1.2,) if args.quick else (0.7, 1.2, 2.0)),
         replay_requests=1000 if args.quick else 2000,
+        live_rounds=args.live_rounds or (1 if args.quick else 2),
     )
     result = run(cfg, quick=args.quick)
     print(summary(result), file=sys.stderr)

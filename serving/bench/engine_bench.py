@@ -8,7 +8,7 @@ at 0.7, 1.2 and 2.0):
   diffusers server);
 - `static`: request-level batching on the same engine machinery (fill to max batch or a
   wait timeout, run that batch to completion);
-- `peer` (live only): the dynamic batching users get from Ray Serve's `@serve.batch` or
+- `peer`: the dynamic batching users get from Ray Serve's `@serve.batch` or
   LitServe — collect up to max batch requests or wait 0.1 s, split them into groups with
   equal step counts, run each group to completion as one pipeline call. The comparison a
   user would make, inside the project's own benchmark (issue 21);
@@ -40,13 +40,20 @@ from stepfleet.serving.bench.live import (
     serve_dynamic_batches,
     serve_one_at_a_time,
 )
-from stepfleet.serving.bench.replay import CostTable, fifo_capacity_rps, replay_engine, replay_fifo
+from stepfleet.serving.bench.replay import (
+    CostTable,
+    fifo_capacity_rps,
+    replay_engine,
+    replay_fifo,
+    replay_peer,
+)
 from stepfleet.serving.bench.trace import (
     SCHEDULER_MIX,
     STEP_MIX,
     TraceRequest,
-    latency_stats,
+    live_stats,
     poisson_trace,
+    pooled_stats,
 )
 from stepfleet.serving.calibration import curve_steps, interleaved_min
 from stepfleet.serving.engine import Engine, EngineConfig
@@ -61,6 +68,19 @@ if TYPE_CHECKING:
 LOADS = (0.7, 0.9, 1.1, 1.2, 2.0)
 LIVE_LOADS = (0.7, 1.2, 2.0)
 POLICIES = ("fifo", "static", "peer", "continuous")
+PAIR = ("peer", "continuous")  # what the live figures compare; repeated in alternating order
+
+
+def live_order(rounds: int) -> list[tuple[int, str]]:
+    """(round, policy) in the order they run: every policy once, then the pair reversed, forward, ...
+
+    With two rounds the pair runs peer, continuous, continuous, peer (A B B A): a drift that is
+    linear over the four runs costs both the same.
+    """
+    out = [(0, p) for p in POLICIES]
+    for r in range(1, rounds):
+        out += [(r, p) for p in (PAIR[::-1] if r % 2 else PAIR)]
+    return out
 
 
 @dataclass(frozen=True)
@@ -77,6 +97,10 @@ class BenchConfig:
     live_requests: int = 40
     replay_requests: int = 2000
     live_loads: tuple[float, ...] = LIVE_LOADS
+    #: Live rounds of the compared pair (peer, continuous): round 1 runs every policy, later rounds
+    #: only the pair, in the opposite order each time, and each policy's rounds are pooled
+    #: (`trace.pooled_stats`): a drift of the machine lands on both, and the p95 reads 2x the samples.
+    live_rounds: int = 2
     solo_checks: int = 4
     #: A CPU-bound competing process on one core during the live runs.
     noise: bool = False
@@ -147,7 +171,7 @@ def measure_costs(model: LoadedModel, runner: ModelRunner, cfg: BenchConfig, qui
             fns[("pipe", steps, sch)] = partial(pipeline_call, steps, sch)
     try:
         pipeline_call(2, mix[0])
-        best = interleaved_min(fns, reps)
+        best = interleaved_min(fns, reps, warmup=1)
     finally:
         pipe.scheduler = base
     step_s = {rows: best[("step", rows)] for rows in range(rows_per_image, (cfg.max_batch + 1) * rows_per_image,
@@ -225,11 +249,19 @@ def run_live_engine(
     engine.stop(drain=True)
     arrivals = [req.arrival for _, req in submitted]
     finishes = [req.arrival + res.total_s for (_, req), (_, res) in zip(submitted, results, strict=True)]
-    stats: dict[str, Any] = dict(latency_stats(arrivals, finishes))
+    stats: dict[str, Any] = dict(live_stats(arrivals, finishes))
     b = engine.batching()  # how the run ended: the rule, the cap, the learned curve
     stats["batching"] = {"mode": b.mode, "cap_images": b.cap_images, "reason": b.reason,
                          "step_s_by_unet_rows": {k: {str(r): s for r, s in c.items()} for k, c in b.curves.items()}}
     return stats, results
+
+
+def pool_rounds(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One policy's live rounds as one row (`trace.pooled_stats`), keeping how the last engine run ended."""
+    out: dict[str, Any] = dict(runs[0]) if len(runs) == 1 else pooled_stats(runs)
+    if "batching" in runs[-1]:
+        out["batching"] = runs[-1]["batching"]
+    return out
 
 
 def solo_vs_mixed(runner: ModelRunner, results: Sequence[tuple[TraceRequest, EngineResult]], cfg: BenchConfig) -> float:
@@ -281,23 +313,30 @@ def run(cfg: BenchConfig, quick: bool, log=lambda msg: print(msg, file=sys.stder
             "fifo": replay_fifo(long_trace, table),
             "static": replay_engine(long_trace, table, static, rows, cfg.slo_scale, shape),
             "continuous": replay_engine(long_trace, table, continuous, rows, cfg.slo_scale, shape),
+            "peer": replay_peer(long_trace, table, cfg.max_batch, cfg.peer_wait_s),
         }
         if load in cfg.live_loads:
             trace = poisson_trace(load * cap, cfg.live_requests, seed=cfg.seed, schedulers=mix)
-            live: dict[str, Any] = {}
+            runs: dict[str, list[dict[str, Any]]] = {}
+            results: list[Any] = []
             with cpu_noise(cfg.noise):
-                log(f"load {load}: live fifo ({len(trace)} requests{', noise' if cfg.noise else ''}) ...")
-                live["fifo"] = run_live_fifo(model, trace, cfg)
-                log(f"load {load}: live static ...")
-                live["static"], _ = run_live_engine(runner, trace, cfg, "static", table)
-                log(f"load {load}: live peer (Ray Serve / LitServe dynamic batching) ...")
-                live["peer"] = run_live_peer(model, trace, cfg)
-                log(f"load {load}: live continuous ...")
-                live["continuous"], results = run_live_engine(runner, trace, cfg, "continuous", table,
-                                                                keep_latents=True)
+                for rnd, policy in live_order(cfg.live_rounds):
+                    log(f"load {load}: live {policy}" + (f", round {rnd + 1}" if cfg.live_rounds > 1 else "")
+                        + (f" ({len(trace)} requests{', noise' if cfg.noise else ''})" if not runs else "") + " ...")
+                    if policy == "fifo":
+                        stats = run_live_fifo(model, trace, cfg)
+                    elif policy == "peer":
+                        stats = run_live_peer(model, trace, cfg)
+                    elif policy == "static":
+                        stats, _ = run_live_engine(runner, trace, cfg, "static", table)
+                    else:
+                        stats, kept = run_live_engine(runner, trace, cfg, "continuous", table, keep_latents=not results)
+                        results = results or kept
+                    runs.setdefault(policy, []).append(stats)
                 if compiled_runner is not None and compiled_table is not None:
                     log(f"load {load}: live continuous, compiled ...")
-                    live["compiled"], _ = run_live_engine(compiled_runner, trace, cfg, "continuous", compiled_table)
+                    runs["compiled"] = [run_live_engine(compiled_runner, trace, cfg, "continuous", compiled_table)[0]]
+            live: dict[str, Any] = {p: pool_rounds(r) for p, r in runs.items()}
             entry["live"] = live
             if "compiled" in live:
                 comp, eager = live["compiled"], live["continuous"]

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any, Protocol, TypeVar
 
-from stepfleet.serving.bench.trace import latency_stats
+from stepfleet.serving.bench.trace import live_stats
 
 T = TypeVar("T")
 
@@ -59,7 +59,7 @@ def drive(trace: Sequence[Arrival], send: Callable[[Any], None]) -> None:
         send(r)
 
 
-def serve_one_at_a_time(trace: Sequence[Arrival], handle: Callable[[Any], None]) -> dict[str, float]:
+def serve_one_at_a_time(trace: Sequence[Arrival], handle: Callable[[Any], None]) -> dict[str, object]:
     """A plain server: one worker thread runs `handle(request)` first come first served."""
     inbox: queue.Queue[tuple[Any, float] | None] = queue.Queue()
     arrivals: list[float] = []
@@ -77,7 +77,7 @@ def serve_one_at_a_time(trace: Sequence[Arrival], handle: Callable[[Any], None])
     drive(trace, lambda r: inbox.put((r, time.monotonic())))
     inbox.put(None)
     worker.join()
-    return latency_stats(arrivals, finishes)
+    return live_stats(arrivals, finishes)
 
 
 def serve_dynamic_batches(
@@ -86,7 +86,7 @@ def serve_dynamic_batches(
     group_key: Callable[[Any], Hashable],
     max_batch: int,
     wait_s: float = 0.1,
-) -> dict[str, float]:
+) -> dict[str, object]:
     """A server with the dynamic batching of Ray Serve's `@serve.batch` and LitServe.
 
     One worker thread takes the first waiting request, then collects more until it holds
@@ -131,7 +131,7 @@ def serve_dynamic_batches(
     drive(trace, lambda r: inbox.put((r, time.monotonic())))
     inbox.put(None)
     worker.join()
-    return latency_stats(arrivals, finishes)
+    return live_stats(arrivals, finishes)
 
 
 @contextlib.contextmanager

@@ -5,7 +5,8 @@ so the comparison does not hinge on the machine's drift.
 
 - **mixed** (stepfleet): step-level continuous batching; every request joins the running
   batch at the next step boundary whatever its adapters (unmerged per-row deltas: a step
-  with adapter rows costs the measured mixed-adapter step).
+  costs what a batch of that composition — images, images with an adapter, distinct
+  adapters — measured, laid out with each adapter's rows apart so the hooks gather).
 - **one-state** (the peers: vLLM-Omni, SGLang): step-level batching too, but a batch holds one
   adapter state, merged into the weights (steps cost the base step). Requests are admitted in
   arrival order while they share the running batch's state; the first that does not waits
@@ -20,8 +21,8 @@ with no adapter.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from stepfleet.serving.bench.step_replay import replay as replay_steps
 
@@ -36,12 +37,18 @@ class Costs:
     mixed: Sequence[float]  # every image a different adapter, unmerged
     merge_s: float  # merge one adapter into the weights
     unmerge_s: float
+    #: Measured step seconds by composition (images, images with an adapter, distinct adapters).
+    by_composition: Mapping[tuple[int, int, int], float] = field(default_factory=dict)
 
-    def step(self, images: int, lora_images: int) -> float:
-        """A mixed batch: the base step plus the adapter share of the measured overhead."""
+    def step(self, images: int, lora_images: int, adapters: int | None = None) -> float:
+        """One step of a batch: its measured composition when known, else the base step plus the
+        adapter share of the every-image-its-own-adapter overhead (an upper bound)."""
         base = self.plain[images]
         if lora_images == 0:
             return base
+        measured = self.by_composition.get((images, lora_images, adapters or lora_images))
+        if measured is not None:
+            return measured
         return base + (self.mixed[images] - base) * lora_images / images
 
 
@@ -70,9 +77,38 @@ def _batched(reqs: Sequence[Request], costs: Costs, steps: int, max_batch: int, 
     def switch(merged: object, state: object) -> float:
         return (costs.unmerge_s if merged != NONE else 0.0) + (costs.merge_s if state != NONE else 0.0)
 
-    return replay_steps(reqs, steps, max_batch, lambda running: costs.step(
-        len(running), 0 if one_state else sum(1 for r in running if r.adapter != NONE)),
-        group=(lambda r: r.adapter) if one_state else None, switch_cost=switch, initial_group=NONE)
+    def step(running: Sequence[Request]) -> float:
+        if one_state:
+            return costs.step(len(running), 0)
+        named = [r.adapter for r in running if r.adapter != NONE]
+        return costs.step(len(running), len(named), len(set(named)))
+
+    return replay_steps(reqs, steps, max_batch, step, group=(lambda r: r.adapter) if one_state else None,
+                        switch_cost=switch, initial_group=NONE)
+
+
+def compositions(max_batch: int) -> list[tuple[int, int, int]]:
+    """Every (images, images with an adapter, distinct adapters) a step of up to `max_batch` can have."""
+    return [(n, m, k) for n in range(1, max_batch + 1) for m in range(1, n + 1) for k in range(1, m + 1)]
+
+
+def layout(images: int, lora_images: int, adapters: int) -> list[int | None]:
+    """Which adapter (0..adapters-1, None: no adapter) each image of a measured batch takes.
+
+    Adapter images spread over the batch and adapters dealt round-robin (A, B, A, B), so an
+    adapter's rows are apart whenever they can be: the hooks' gather path, the dearer one a live
+    batch in arrival order usually takes.
+    """
+    where = {round(i * images / lora_images) for i in range(lora_images)}
+    out: list[int | None] = []
+    dealt = 0
+    for i in range(images):
+        if i in where:
+            out.append(dealt % adapters)
+            dealt += 1
+        else:
+            out.append(None)
+    return out
 
 
 def _one_at_a_time(reqs: Sequence[Request], costs: Costs, steps: int) -> list[float]:

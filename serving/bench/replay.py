@@ -58,6 +58,47 @@ def replay_fifo(trace: Sequence[TraceRequest], table: CostTable) -> dict[str, fl
     return latency_stats([r.arrival_s for r in sorted(trace, key=lambda r: r.arrival_s)], finishes)
 
 
+def peer_call_s(table: CostTable, group: int, steps: int) -> float:
+    """One plain-pipeline call on `group` requests of `steps` steps, from the measured table.
+
+    The single-request pipeline's own figures, with its step scaled by the engine's measured
+    batch curve (a pipeline batch of n runs the same UNet on 2n rows) and each extra request's
+    encode and decode added.
+    """
+    scale = table.step_s(2 * group) / table.step_s(2)
+    return table.fifo_overhead_s + (group - 1) * (table.encode_s + table.decode_s) + steps * table.fifo_step_s * scale
+
+
+def replay_peer(trace: Sequence[TraceRequest], table: CostTable, max_batch: int, wait_s: float = 0.1) -> dict[str, float]:
+    """`live.serve_dynamic_batches` (Ray Serve's `@serve.batch`, LitServe) on simulated time.
+
+    The worker takes the first waiting request, collects more until it holds `max_batch` or
+    `wait_s` has passed, splits them into groups of equal step counts (in order of first
+    appearance) and runs each group as one pipeline call; its requests finish when the call ends.
+    """
+    pending = sorted(trace, key=lambda r: r.arrival_s)
+    arrivals: list[float] = []
+    finishes: list[float] = []
+    now, i = 0.0, 0
+    while i < len(pending):
+        started = max(now, pending[i].arrival_s)
+        close = started + wait_s
+        batch = [pending[i]]
+        i += 1
+        while len(batch) < max_batch and i < len(pending) and pending[i].arrival_s <= close:
+            batch.append(pending[i])
+            i += 1
+        now = max(started, batch[-1].arrival_s) if len(batch) == max_batch else close
+        groups: dict[int, list[TraceRequest]] = {}
+        for r in batch:
+            groups.setdefault(r.steps, []).append(r)
+        for steps, group in groups.items():
+            now += peer_call_s(table, len(group), steps)
+            arrivals.extend(r.arrival_s for r in group)
+            finishes.extend(now for _ in group)
+    return latency_stats(arrivals, finishes)
+
+
 def replay_engine(
     trace: Sequence[TraceRequest],
     table: CostTable,
@@ -148,4 +189,5 @@ def simulate_step_loop(
     return latency_stats([arrivals[k] for k in ids], [finishes[k] for k in ids])
 
 
-__all__ = ["CostTable", "fifo_capacity_rps", "replay_engine", "replay_fifo", "simulate_step_loop"]
+__all__ = ["CostTable", "fifo_capacity_rps", "peer_call_s", "replay_engine", "replay_fifo", "replay_peer",
+           "simulate_step_loop"]

@@ -57,6 +57,33 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[rank - 1]
 
 
+def live_stats(arrivals: Sequence[float], finishes: Sequence[float]) -> dict[str, object]:
+    """`latency_stats` of a live run, with its span and every latency kept (`pooled_stats` combines runs)."""
+    return {**latency_stats(arrivals, finishes), "span_s": max(finishes) - min(arrivals),
+            "latencies_s": [f - a for a, f in zip(arrivals, finishes, strict=True)]}
+
+
+def pooled_stats(runs: Sequence[dict]) -> dict[str, object]:
+    """Several live runs of one policy as one: latencies pooled, throughput = all completed / summed spans.
+
+    Why: a live comparison runs policies one after another, so a minute in which the machine is
+    slower lands on one of them; running the pair twice in opposite orders (A B, then B A) and
+    pooling cancels a steady drift and doubles the samples the p95 is read from.
+    """
+    lat = [x for r in runs for x in r["latencies_s"]]
+    span = sum(r["span_s"] for r in runs)
+    return {
+        "throughput_rps": len(lat) / span if span > 0 else math.nan,
+        "mean_s": sum(lat) / len(lat),
+        "p50_s": percentile(lat, 0.50),
+        "p95_s": percentile(lat, 0.95),
+        "completed": len(lat),
+        "rounds": len(runs),
+        "latencies_s": lat,
+        "span_s": span,
+    }
+
+
 def latency_stats(arrivals: Sequence[float], finishes: Sequence[float]) -> dict[str, float]:
     """Throughput over the whole run (first arrival to last completion) and latency figures."""
     lat = [f - a for a, f in zip(arrivals, finishes, strict=True)]

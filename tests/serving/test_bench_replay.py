@@ -1,0 +1,69 @@
+"""`bench engine`'s pure parts: the peer's replay, pooled live rounds and their order."""
+
+from __future__ import annotations
+
+import pytest
+
+from stepfleet.serving.bench.engine_bench import PAIR, POLICIES, live_order
+from stepfleet.serving.bench.replay import CostTable, peer_call_s, replay_engine, replay_peer
+from stepfleet.serving.bench.trace import TraceRequest, live_stats, poisson_trace, pooled_stats
+from stepfleet.serving.planner import PlannerConfig
+
+# Batching pays: four images (8 UNet rows) cost twice one image's step.
+TABLE = CostTable(step_s_by_rows={2: 0.05, 4: 0.065, 6: 0.08, 8: 0.1}, encode_s=0.01, decode_s=0.04,
+                  fifo_step_s=0.05, fifo_overhead_s=0.06)
+
+
+def req(i: int, at: float, steps: int) -> TraceRequest:
+    return TraceRequest(id=f"r{i}", arrival_s=at, steps=steps, scheduler="ddim", seed=i, prompt="p")
+
+
+def test_a_pipeline_call_scales_the_plain_pipeline_by_the_measured_batch_curve():
+    assert peer_call_s(TABLE, 1, 10) == pytest.approx(0.06 + 10 * 0.05)
+    # Four requests: three more encodes and decodes, each step at the 8-row cost (2x the 2-row step).
+    assert peer_call_s(TABLE, 4, 10) == pytest.approx(0.06 + 3 * 0.05 + 10 * 0.1)
+
+
+def test_the_peer_waits_for_its_batch_then_runs_each_step_count_as_one_call():
+    # r0 at 0; r1 (same steps) within the 0.1 s wait; r2 (other steps) too; r3 after the wait.
+    trace = [req(0, 0.0, 10), req(1, 0.05, 10), req(2, 0.08, 20), req(3, 0.5, 10)]
+    out = replay_peer(trace, TABLE, max_batch=4, wait_s=0.1)
+    first = 0.1 + peer_call_s(TABLE, 2, 10)  # the batch closes at 0.1; r0 and r1 share one call
+    second = first + peer_call_s(TABLE, 1, 20)  # then r2's group
+    third = max(second, 0.5) + 0.1 + peer_call_s(TABLE, 1, 10)  # r3 arrived while they ran: its own wait
+    expected = [first - 0.0, first - 0.05, second - 0.08, third - 0.5]
+    assert out["completed"] == 4
+    assert out["mean_s"] == pytest.approx(sum(expected) / 4)
+
+
+def test_a_full_batch_closes_without_waiting():
+    trace = [req(i, 0.0, 10) for i in range(4)]
+    out = replay_peer(trace, TABLE, max_batch=4, wait_s=5.0)
+    assert out["mean_s"] == pytest.approx(peer_call_s(TABLE, 4, 10))
+
+
+def test_continuous_beats_the_peer_on_a_table_where_batching_pays():
+    cap = 1.0 / (0.06 + 20 * 0.05)
+    for load in (0.7, 1.2):
+        trace = poisson_trace(load * cap, 400, seed=3)
+        cont = replay_engine(trace, TABLE, PlannerConfig(max_batch=4))
+        peer = replay_peer(trace, TABLE, 4)
+        assert cont["mean_s"] < peer["mean_s"]
+
+
+def test_pooled_rounds_pool_latencies_and_sum_spans():
+    a = live_stats([0.0, 1.0], [2.0, 3.0])  # latencies 2, 2; span 3
+    b = live_stats([0.0, 0.0, 0.0], [1.0, 1.0, 4.0])  # latencies 1, 1, 4; span 4
+    pooled = pooled_stats([a, b])
+    assert pooled["completed"] == 5 and pooled["rounds"] == 2
+    assert pooled["mean_s"] == pytest.approx(10 / 5)
+    assert pooled["throughput_rps"] == pytest.approx(5 / 7)
+    assert pooled["p95_s"] == 4.0 and sorted(pooled["latencies_s"]) == [1.0, 1.0, 2.0, 2.0, 4.0]
+
+
+def test_live_rounds_run_every_policy_once_then_the_pair_in_alternating_order():
+    assert [p for _, p in live_order(1)] == list(POLICIES)
+    two = [p for _, p in live_order(2)]
+    assert two == [*POLICIES, *PAIR[::-1]]
+    assert two[-4:] == ["peer", "continuous", "continuous", "peer"]  # A B B A
+    assert [p for _, p in live_order(3)][-2:] == list(PAIR)
