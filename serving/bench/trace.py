@@ -72,22 +72,15 @@ def pooled_stats(runs: Sequence[dict]) -> dict[str, object]:
     """
     lat = [x for r in runs for x in r["latencies_s"]]
     span = sum(r["span_s"] for r in runs)
-    return {
-        "throughput_rps": len(lat) / span if span > 0 else math.nan,
-        "mean_s": sum(lat) / len(lat),
-        "p50_s": percentile(lat, 0.50),
-        "p95_s": percentile(lat, 0.95),
-        "completed": len(lat),
-        "rounds": len(runs),
-        "latencies_s": lat,
-        "span_s": span,
-    }
+    return {**_stats(lat, span), "rounds": len(runs), "latencies_s": lat, "span_s": span}
 
 
 def latency_stats(arrivals: Sequence[float], finishes: Sequence[float]) -> dict[str, float]:
     """Throughput over the whole run (first arrival to last completion) and latency figures."""
-    lat = [f - a for a, f in zip(arrivals, finishes, strict=True)]
-    span = max(finishes) - min(arrivals)
+    return _stats([f - a for a, f in zip(arrivals, finishes, strict=True)], max(finishes) - min(arrivals))
+
+
+def _stats(lat: Sequence[float], span: float) -> dict[str, float]:
     return {
         "throughput_rps": len(lat) / span if span > 0 else math.nan,
         "mean_s": sum(lat) / len(lat),
