@@ -78,6 +78,12 @@ def main(argv: list[str]) -> int:
     cos.add_argument("--load", type=float, default=0.9, help="offered load relative to one-at-a-time capacity")
     cos.add_argument("--size", type=int, default=128, help="image and video side (larger: video denoising dominates)")
     cos.add_argument("--video-frames", type=int, default=81)
+    cos.add_argument("--video-steps", type=int, default=30)
+    cos.add_argument("--live-requests", type=int, default=30, help="requests of the live run (0: replay only)")
+    cos.add_argument("--live-video-frames", type=int, default=None,
+                     help="frames of the live run's videos (default: --video-frames; a CPU decodes them inline)")
+    cos.add_argument("--slo-image-scales", type=float, nargs="+", default=[3.0, 4.0, 5.0],
+                     help="image SLOs to replay, as multiples of an image's solo latency")
     cnt = sub.add_parser("controlnet", help="mixed ControlNet step batches vs batches of one ControlNet set")
     cnt.add_argument("--json", action="store_true", help="print the JSON result on stdout")
     cnt.add_argument("--quick", action="store_true", help="a small size, few repeats, a short trace (< 1 min)")
@@ -98,9 +104,13 @@ def main(argv: list[str]) -> int:
         from stepfleet.serving.bench import coserve_bench
 
         base = coserve_bench.CoserveBenchConfig(model=args.model, device=args.device, load=args.load, size=args.size,
-                                                video_frames=args.video_frames)
-        vcfg = (dataclasses.replace(base, reps=2, replay_requests=600, seeds=(0,), live_requests=8,
-                                    live_video_frames=9, full_video_decode=False) if args.quick else base)
+                                                video_frames=args.video_frames, video_steps=args.video_steps,
+                                                slo_image_scales=tuple(args.slo_image_scales),
+                                                live_requests=args.live_requests,
+                                                live_video_frames=args.live_video_frames)
+        vcfg = (dataclasses.replace(base, reps=2, replay_requests=600, seeds=(0,),
+                                    live_requests=min(8, base.live_requests),
+                                    live_video_frames=base.live_video_frames or 9, full_video_decode=False) if args.quick else base)
         vresult = coserve_bench.run(vcfg, quick=args.quick)
         print(coserve_bench.summary(vresult), file=sys.stderr)
         if args.json:

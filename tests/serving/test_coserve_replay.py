@@ -8,6 +8,7 @@ from stepfleet.serving.bench.coserve_replay import (
     mixed_capacity_rps,
     mixed_trace,
     replay,
+    static_partition,
 )
 
 # Measured on tiny-wan at 128x128 (81-frame videos) on the project's CPU machine.
@@ -43,3 +44,20 @@ def test_video_preemption_raises_image_attainment_and_no_video_starves():
     assert table["stepfleet"]["attainment"] > max(table[p]["attainment"] for p in ("fifo", "sjf"))
     assert table["stepfleet"]["video_pauses"] > 0 and table["no-video-preemption"]["video_pauses"] == 0
     assert result["criteria"]["no_video_starves"]
+
+
+def test_static_partition_is_the_best_fixed_split_not_only_the_proportional_one():
+    # Videos ten times heavier on the denoiser: most of the offered work is video, so the
+    # proportional split starves images; the search must find a split at least as good.
+    heavy = KindCost(VIDEO.shape, {r: 10 * s for r, s in VIDEO.step_s_by_rows.items()}, steps=30,
+                     encode_s=0.05, decode_s=8.4)
+    s = CoserveSetup(IMAGE, heavy, 3.0 * IMAGE.solo_s(), 3.0 * heavy.solo_s())
+    trace = mixed_trace(0.9 * mixed_capacity_rps(IMAGE, heavy, 0.15), 300, 0.15, seed=0)
+    best = static_partition(trace, s)
+    proportional = best["static_proportional_image_share"]
+    assert proportional < 0.2  # videos carry most of the work
+    at_proportional = static_partition(trace, s, image_shares=())
+    assert at_proportional["static_image_share"] == proportional
+    assert best["attainment"] >= at_proportional["attainment"]
+    assert best["static_image_share"] > proportional
+    assert replay(trace, s, "static")["attainment"] == best["attainment"]
