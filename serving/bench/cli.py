@@ -76,12 +76,12 @@ def main(argv: list[str]) -> int:
     cos.add_argument("--model", default="tiny-wan")
     cos.add_argument("--device", default="auto")
     cos.add_argument("--load", type=float, default=0.9, help="offered load relative to one-at-a-time capacity")
-    cos.add_argument("--size", type=int, default=128, help="image and video side (larger: video denoising dominates)")
+    cos.add_argument("--size", type=int, default=256, help="image and video side (larger: video denoising dominates)")
     cos.add_argument("--video-frames", type=int, default=81)
-    cos.add_argument("--video-steps", type=int, default=30)
+    cos.add_argument("--video-steps", type=int, default=50)
     cos.add_argument("--live-requests", type=int, default=30, help="requests of the live run (0: replay only)")
-    cos.add_argument("--live-video-frames", type=int, default=None,
-                     help="frames of the live run's videos (default: --video-frames; a CPU decodes them inline)")
+    cos.add_argument("--live-video-frames", type=int, default=21,
+                     help="frames of the live run's videos (a CPU decodes them inline)")
     cos.add_argument("--slo-image-scales", type=float, nargs="+", default=[3.0, 4.0, 5.0],
                      help="image SLOs to replay, as multiples of an image's solo latency")
     cnt = sub.add_parser("controlnet", help="mixed ControlNet step batches vs batches of one ControlNet set")
@@ -110,7 +110,7 @@ def main(argv: list[str]) -> int:
                                                 live_video_frames=args.live_video_frames)
         vcfg = (dataclasses.replace(base, reps=2, replay_requests=600, seeds=(0,),
                                     live_requests=min(8, base.live_requests),
-                                    live_video_frames=base.live_video_frames or 9, full_video_decode=False) if args.quick else base)
+                                    live_video_frames=min(9, base.live_video_frames or 9), full_video_decode=False) if args.quick else base)
         vresult = coserve_bench.run(vcfg, quick=args.quick)
         print(coserve_bench.summary(vresult), file=sys.stderr)
         if args.json:
