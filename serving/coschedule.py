@@ -9,8 +9,12 @@ group while it has members; this module says when a group of videos should give 
 
 - the most urgent image candidate (at least the videos' priority) would miss its deadline by
   waiting for the group to drain, and would make it if it ran now;
-- no running video would lose its deadline by the delay (its slack exceeds the images'
-  service time, or it misses its deadline anyway — then the bounds below still protect it);
+- the pause does not lose more deadlines than it saves: the videos it would make late (those
+  whose slack is less than the images' service time, ranked-ahead waiting videos included)
+  are counted against the images it saves, and a tie goes to the images — their deadlines are
+  near and known, a video's loss is a forecast over its remaining steps. (Protecting every
+  video with a little slack, the rule before, cost 3.5-4 % of the images on a video-heavy trace
+  at load 0.9 to keep 0.3-1 % more videos in time: overall 0.925-0.939 against 0.958-0.960);
 - bounds: no video already paused for `max_pause_s` (it is resumed before any work of its
   priority instead: `Seq.resume_first`), and at most `max_paused_videos` videos paused at once
   (their latents stay in memory).
@@ -91,13 +95,13 @@ def video_yield(running: Sequence[Planned], cands: Sequence[Planned], now: float
     video_step = cost.step_seconds(running[0].cost_key, sum(r.unet_rows for r in running))
     drain_s = max(r.steps_left for r in running) * video_step
     images = [c for c in cands[head: head + 2 * max_batch] if c.kind == IMAGE and c.shape == image.shape]
-    at_risk, service_s = None, 0.0
+    at_risk, service_s, saved = None, 0.0, 0
     for k, img in enumerate(images):
         batch = images[(k // max_batch) * max_batch: (k // max_batch + 1) * max_batch]
         step = cost.step_seconds(img.cost_key, sum(b.unet_rows for b in batch))
         done_s = sum(max(b.steps_left for b in images[j: j + max_batch]) for j in range(0, k + 1, max_batch)) * step
         if now + drain_s + done_s > img.deadline >= now + done_s:  # misses by waiting, makes it now
-            at_risk, service_s = img, done_s
+            at_risk, service_s, saved = img, done_s, saved + 1
     if at_risk is None:
         return None  # every image makes its deadline by waiting (or misses anyway)
     paused_videos = sum(1 for c in cands if c.kind == VIDEO and c.steps_done > 0)
@@ -105,14 +109,17 @@ def video_yield(running: Sequence[Planned], cands: Sequence[Planned], now: float
         return None
     if any(c.priority > image.priority for c in ahead):
         return None
+    lost = 0  # videos that would make their deadlines, but not after the delay
     for r in (*running, *ahead):
         if paused_for(r, now) >= config.max_pause_s:
             return None
         step = video_step if r in running else cost.step_seconds(r.cost_key, r.unet_rows)
         if 0.0 <= r.deadline - now - r.steps_left * step <= service_s:
-            return None  # this video would make its deadline, but not after the delay
+            lost += 1
+    if lost > saved:
+        return None
     return (f"pause videos {', '.join(r.id for r in running)} for image {at_risk.id}: it would miss its deadline "
-            f"waiting {drain_s:.2f}s for them to drain; they have slack")
+            f"waiting {drain_s:.2f}s for them to drain; {saved} image deadline(s) saved, {lost} video(s) made late")
 
 
 def overdue(seq: Planned, now: float, config: CoScheduleConfig) -> bool:

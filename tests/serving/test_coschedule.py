@@ -42,11 +42,16 @@ def test_no_pause_when_the_image_makes_it_by_waiting():
     assert plan.batch == ("v1",) and not plan.paused
 
 
-def test_no_pause_when_a_video_has_no_slack():
+def test_no_pause_when_it_makes_more_videos_late_than_it_saves_images():
     tight = video("v1", deadline=26.5)  # 25 steps of 1 s left: 1.5 s of slack > the image's 1 s of service
     assert planner().plan([tight, image("i1")], now=0.0).paused == ("v1",)
-    tighter = video("v1", deadline=25.5)  # 0.5 s slack < the image's 1 s of service
-    assert planner().plan([tighter, image("i1")], now=0.0).batch == ("v1",)
+    tighter = video("v1", deadline=25.5)  # 0.5 s slack < the image's 1 s of service: one video made late
+    plan = planner().plan([tighter, image("i1")], now=0.0)
+    assert plan.paused == ("v1",)  # one image saved, one video lost: the tie goes to the image
+    assert any("1 image deadline(s) saved, 1 video(s) made late" in r for r in plan.reasons)
+    both = [video("v1", deadline=25.5), video("v2", deadline=25.5), image("i1")]  # two lost for one saved
+    plan = planner().plan(both, now=0.0)
+    assert set(plan.batch) == {"v1", "v2"} and not plan.paused
 
 
 def test_no_pause_for_an_image_that_misses_anyway():
