@@ -40,7 +40,7 @@ from stepfleet.serving.bench.coserve_replay import (
 class CoserveBenchConfig:
     model: str = "tiny-wan"
     device: str = "auto"
-    #: 256x256 and 50 video steps: a video's denoising is ~50x an image's (GenServe's regime, one
+    #: 256x256 and 50 video steps: a video's denoising is 45-80x an image's (GenServe's regime, one
     #: to two orders of magnitude); at 128x128 and 30 steps it was 8x, and the VAE decode dominated.
     size: int = 256
     video_frames: int = 81
