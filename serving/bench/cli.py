@@ -32,6 +32,8 @@ def main(argv: list[str]) -> int:
                           "--quick 1)")
     eng.add_argument("--noise", action="store_true",
                      help="run a CPU-bound competing process on one core during the live runs")
+    eng.add_argument("--no-live-baselines", action="store_true",
+                     help="live, run only the compared pair (peer, continuous); fifo and static are still replayed")
     rtr = sub.add_parser("router", help="router added latency on loopback; predicted vs round-robin vs least-requests")
     rtr.add_argument("--json", action="store_true", help="print the JSON result on stdout")
     rtr.add_argument("--quick", action="store_true", help="fewer segments and a shorter simulation (< 2 min)")
@@ -192,6 +194,7 @@ def main(argv: list[str]) -> int:
                     else (1.2,) if args.quick else (0.7, 1.2, 2.0)),
         replay_requests=1000 if args.quick else 2000,
         live_rounds=args.live_rounds or (1 if args.quick else 2),
+        live_baselines=not args.no_live_baselines,
     )
     result = run(cfg, quick=args.quick)
     print(summary(result), file=sys.stderr)

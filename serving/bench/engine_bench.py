@@ -74,13 +74,15 @@ POLICIES = ("fifo", "static", "peer", "continuous")
 PAIR = ("peer", "continuous")  # what the live figures compare; repeated in alternating order
 
 
-def live_order(rounds: int) -> list[tuple[int, str]]:
+def live_order(rounds: int, baselines: bool = True) -> list[tuple[int, str]]:
     """(round, policy) in the order they run: every policy once, then the pair reversed, forward, ...
 
     With two rounds the pair runs peer, continuous, continuous, peer (A B B A): a drift that is
-    linear over the four runs costs both the same.
+    linear over the four runs costs both the same. `baselines=False` leaves out the live fifo
+    and static runs (replayed all the same), which take a third of the live time and are not
+    part of the peer figure.
     """
-    out = [(0, p) for p in POLICIES]
+    out = [(0, p) for p in POLICIES if baselines or p in PAIR]
     for r in range(1, rounds):
         out += [(r, p) for p in (PAIR[::-1] if r % 2 else PAIR)]
     return out
@@ -104,6 +106,8 @@ class BenchConfig:
     #: only the pair, in the opposite order each time, and each policy's rounds are pooled
     #: (`trace.pooled_stats`): a drift of the machine lands on both, and the p95 reads 2x the samples.
     live_rounds: int = 2
+    #: Run fifo and static live too (round 1); without, only the pair runs live.
+    live_baselines: bool = True
     solo_checks: int = 4
     #: A CPU-bound competing process on one core during the live runs.
     noise: bool = False
@@ -334,7 +338,7 @@ def run(cfg: BenchConfig, quick: bool, log=lambda msg: print(msg, file=sys.stder
             runs: dict[str, list[dict[str, Any]]] = {}
             results: list[Any] = []
             with cpu_noise(cfg.noise):
-                for rnd, policy in live_order(cfg.live_rounds):
+                for rnd, policy in live_order(cfg.live_rounds, cfg.live_baselines):
                     log(f"load {load}: live {policy}" + (f", round {rnd + 1}" if cfg.live_rounds > 1 else "")
                         + (f" ({len(trace)} requests{', noise' if cfg.noise else ''})" if not runs else "") + " ...")
                     if policy == "fifo":

@@ -67,3 +67,4 @@ def test_live_rounds_run_every_policy_once_then_the_pair_in_alternating_order():
     assert two == [*POLICIES, *PAIR[::-1]]
     assert two[-4:] == ["peer", "continuous", "continuous", "peer"]  # A B B A
     assert [p for _, p in live_order(3)][-2:] == list(PAIR)
+    assert [p for _, p in live_order(2, baselines=False)] == [*PAIR, *PAIR[::-1]]
