@@ -24,6 +24,7 @@ from stepfleet.serving.edits.extension import EditExtension
 from stepfleet.serving.engine import Engine, EngineConfig
 from stepfleet.serving.loading import load_model
 from stepfleet.serving.router.app import create_app as create_router
+from stepfleet.serving.router.balancing import rendezvous_rank
 from stepfleet.serving.router.config import RouterSettings, parse_config
 from stepfleet.serving.runner import ModelRunner
 from stepfleet.serving.settings import WorkerSettings
@@ -89,16 +90,22 @@ def edit(base: str, who: str, template_id: str) -> httpx.Response:
 
 def test_templates_registered_through_the_router_are_found_listed_edited_and_deleted(fleet):
     base, urls = fleet
-    ids = [register(base, "acme", seed)["id"] for seed in range(6)]
+    ids: list[str] = []
+    for seed in range(24):  # ids are random: register until their homes cover both workers
+        ids.append(register(base, "acme", seed)["id"])
+        if len(ids) >= 6 and {rendezvous_rank(t, urls)[0] for t in ids} == set(urls):
+            break
     for template_id in ids:
         r = httpx.get(f"{base}/v1/templates/{template_id}", headers=auth("acme"), timeout=30)
         assert r.status_code == 200 and r.json()["id"] == template_id  # before: 404 for the half not at home
     listed = httpx.get(f"{base}/v1/templates", headers=auth("acme"), timeout=30).json()
     assert set(ids) <= {t["id"] for t in listed["data"]}  # before: one worker's list
-    holders = {url for url in urls for t in ids
-               if httpx.get(f"{url}/v1/templates/{t}", timeout=30,
-                            headers={"Authorization": f"Bearer {TOKEN}", "X-Stepfleet-Tenant": "acme"}).status_code == 200}
-    assert holders == set(urls)  # spread over both workers, each on its id's home
+    holders = {t: [url for url in urls
+                   if httpx.get(f"{url}/v1/templates/{t}", timeout=30,
+                                headers={"Authorization": f"Bearer {TOKEN}", "X-Stepfleet-Tenant": "acme"}
+                                ).status_code == 200] for t in ids}
+    assert holders == {t: [rendezvous_rank(t, urls)[0]] for t in ids}  # each on its id's home only
+    assert {home for (home,) in holders.values()} == set(urls)  # so spread over both workers
     r = edit(base, "acme", ids[0])
     assert r.status_code == 200, r.text
     assert r.headers["x-stepfleet-edit-path"] == "cached"  # sent where the activations are
