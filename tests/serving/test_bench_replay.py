@@ -68,3 +68,30 @@ def test_live_rounds_run_every_policy_once_then_the_pair_in_alternating_order():
     assert two[-4:] == ["peer", "continuous", "continuous", "peer"]  # A B B A
     assert [p for _, p in live_order(3)][-2:] == list(PAIR)
     assert [p for _, p in live_order(2, baselines=False)] == [*PAIR, *PAIR[::-1]]
+
+
+def test_the_fifo_probe_serves_each_step_count_of_the_mix_back_to_back():
+    """`--noise` sets its live loads from this probe (a live backlog), not from a line through two timings."""
+    import time
+    from types import SimpleNamespace
+
+    from diffusers import DDIMScheduler
+
+    from stepfleet.serving.bench.engine_bench import BenchConfig, fifo_probe_rps
+    from stepfleet.serving.bench.trace import STEP_MIX
+
+    calls: list[tuple[int, str]] = []
+
+    class Pipeline:
+        scheduler = DDIMScheduler()
+
+        def __call__(self, prompt, *, num_inference_steps, **kwargs):
+            calls.append((num_inference_steps, type(self.scheduler).__name__))
+            time.sleep(0.01)
+
+    pipe = Pipeline()
+    rate = fifo_probe_rps(SimpleNamespace(pipeline=pipe), BenchConfig(size=64), ("ddim", "euler"), rounds=2)
+    assert [n for n, _ in calls] == [STEP_MIX[0], *STEP_MIX, *STEP_MIX]  # one warm-up call, then the backlog
+    assert {s for _, s in calls[1:]} == {"DDIMScheduler", "EulerDiscreteScheduler"}
+    assert 0 < rate <= 1 / 0.01  # six calls of at least 10 ms each, served one after another
+    assert isinstance(pipe.scheduler, DDIMScheduler)  # the model's own scheduler is put back
