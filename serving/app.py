@@ -178,7 +178,8 @@ def _load(state: WorkerState, owned: ExitStack) -> None:
         from stepfleet.serving.edits.crop_decode import CropDecode
 
         edits = EditExtension(backbone, cache, halo=s.edit_halo,
-                              crop=CropDecode(margin=s.edit_crop_margin, max_fraction=s.edit_crop_max_fraction))
+                              crop=CropDecode(margin=s.edit_crop_margin, max_fraction=s.edit_crop_max_fraction),
+                              conv_halo=s.edit_conv_halo)
         owned.callback(edits.close)
     except NotImplementedError as exc:  # a family or denoiser that masked compute does not know
         log.warning("edits disabled: %s", exc)

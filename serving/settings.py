@@ -128,6 +128,12 @@ class WorkerSettings(BaseModel):
                     "approximation inside the mask: 28-31 dB masked PSNR on the trained mini-sd VAE "
                     "(docs/benchmarks.md)",
     )
+    edit_conv_halo: int | None = Field(
+        default=None, ge=0, le=32,
+        description="latent cells around an edit's mask box in which a UNet edit computes its "
+                    "latent-resolution convolution blocks (default: none, they run on the whole latent; see "
+                    "serving/edits/windowed_convs.py). An approximation outside the box; SDXL-style UNets only",
+    )
     template_disk_bytes: int = Field(
         default=0, ge=0, description="disk (safetensors) for spilled template activations (0: no disk tier)"
     )

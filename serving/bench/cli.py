@@ -48,6 +48,9 @@ def main(argv: list[str]) -> int:
     edt.add_argument("--crop-decode", action="store_true",
                      help="decode only the mask's neighbourhood (edits.crop_decode; an approximation, off by "
                           "default as on the worker)")
+    edt.add_argument("--conv-halo", type=int, default=None,
+                     help="compute a UNet edit's latent-resolution convolutions only in its mask's box grown by "
+                          "this many cells (edits.windowed_convs; an approximation outside the box; default off)")
     stm = sub.add_parser("stream", help="time to the first partial image vs the final one; previews' cost on the loop")
     stm.add_argument("--json", action="store_true", help="print the JSON result on stdout")
     stm.add_argument("--quick", action="store_true", help="a short trace, one plain/streamed pair (< 2 min)")
@@ -177,6 +180,7 @@ def main(argv: list[str]) -> int:
             reps=3 if args.quick else 5, cost_reps=2 if args.quick else 3,
             live_requests=args.live_requests or (6 if args.quick else 16),
             replay_requests=1000 if args.quick else 2000, crop_decode=args.crop_decode,
+            conv_halo=args.conv_halo,
         )
         result = edit_bench.run(ecfg, quick=args.quick)
         print(edit_bench.summary(result), file=sys.stderr)

@@ -70,6 +70,7 @@ class EditBenchConfig:
     cache_bytes: int = 8 << 30
     halo: int | None = None  # None: the worker's default (`edits.masks.default_halo`)
     crop_decode: bool = False  # decode only the mask's neighbourhood (`edits.crop_decode`; off, as on the worker)
+    conv_halo: int | None = None  # windowed latent-resolution convolutions (`edits.windowed_convs`; None: off)
 
 
 def fitting_config(cfg: EditBenchConfig, scheduler_class: type) -> EditBenchConfig:
@@ -129,7 +130,8 @@ class Bench:
         from stepfleet.serving.edits.crop_decode import CropDecode
 
         self.edits = EditExtension(backbone, self.cache, halo=cfg.halo,
-                                   crop=CropDecode() if cfg.crop_decode else CropDecode(max_fraction=0.0))
+                                   crop=CropDecode() if cfg.crop_decode else CropDecode(max_fraction=0.0),
+                                   conv_halo=cfg.conv_halo)
         self.crop_decoder = self.edits.decoder
         self.runner = ModelRunner(backbone, extensions=[self.edits])
         pipe = self.model.pipeline
@@ -320,6 +322,7 @@ def _per_request_and_costs(b: Bench, cfg: EditBenchConfig, quick: bool, log):
                            "latent": f"{cfg.size // 8}x{cfg.size // 8}", "steps": cfg.steps,
                            "scheduler": cfg.scheduler, "guidance_scale": cfg.guidance_scale,
                            "threads": torch.get_num_threads(), "quick": quick, "crop_decode": cfg.crop_decode,
+                           "conv_halo": cfg.conv_halo,
                            "template_record_s": rec_s, "template_cache_bytes": b.cache.bytes_memory}
     out.update(b.per_request())
     log("  speedup " + ", ".join(f"{k}: {v:.2f}x" for k, v in out["speedup"].items()))

@@ -62,13 +62,15 @@ if TYPE_CHECKING:
     from stepfleet.serving.runner import RequestState
 
 
-def masked_compute_for(denoiser: torch.nn.Module, cache: TemplateCache) -> MaskedUNet | MaskedDiT:
+def masked_compute_for(denoiser: torch.nn.Module, cache: TemplateCache,
+                       conv_halo: int | None = None) -> MaskedUNet | MaskedDiT:
     """The denoiser's masked compute: `MaskedUNet` for a UNet, `MaskedDiT` for an SD3/Flux transformer
-    (each raises NotImplementedError on a model it does not know)."""
+    (each raises NotImplementedError on a model it does not know). `conv_halo`: windowed
+    latent-resolution convolutions for UNet edits (`windowed_convs`; None: off)."""
     from diffusers import UNet2DConditionModel
 
     if isinstance(denoiser, UNet2DConditionModel):
-        return MaskedUNet(denoiser, cache)
+        return MaskedUNet(denoiser, cache, conv_halo=conv_halo)
     return MaskedDiT(denoiser, cache)
 
 
@@ -113,10 +115,12 @@ class EditExtension:
     (`MaskedDiT`); a backbone without `masked_compute` edits by full compute only."""
 
     def __init__(self, backbone: Backbone, cache: TemplateCache, templates: TemplateRegistry | None = None,
-                 halo: int | None = None, crop: CropDecode | None = None) -> None:
+                 halo: int | None = None, crop: CropDecode | None = None, conv_halo: int | None = None) -> None:
         """`halo`: tokens recomputed around an edit at every attention resolution (`masks`);
         None picks `masks.default_halo` for each edit's latent size. `crop`: how an edit decodes
-        only its mask's neighbourhood (`crop_decode`; None: its defaults)."""
+        only its mask's neighbourhood (`crop_decode`; None: its defaults). `conv_halo`: cells
+        around the mask's box in which a UNet edit computes its latent-resolution convolutions
+        (`windowed_convs`; None: everywhere)."""
         self.backbone = backbone
         self.cache = cache
         self.halo = halo
@@ -127,7 +131,7 @@ class EditExtension:
         self.templates = templates or TemplateRegistry()
         # A family without masked compute still edits, by full compute (`EditPath.FULL`, said in
         # X-Stepfleet-Edit-Path): never the cached path, never a wrong image.
-        self.masked: MaskedUNet | MaskedDiT | None = (masked_compute_for(backbone.denoiser, cache)
+        self.masked: MaskedUNet | MaskedDiT | None = (masked_compute_for(backbone.denoiser, cache, conv_halo)
                                                       if backbone.capabilities.masked_compute else None)
         self._states: weakref.WeakKeyDictionary[RequestState, EditState] = weakref.WeakKeyDictionary()
 

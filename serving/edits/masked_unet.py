@@ -60,6 +60,7 @@ import torch.nn.functional as F
 
 from stepfleet.serving.edits.cache import TemplateCache
 from stepfleet.serving.edits.masks import TokenMasks
+from stepfleet.serving.edits.windowed_convs import WindowedConvs
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,9 @@ class _Call:
     index: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, int]] = field(
         default_factory=dict
     )
+    records: bool = False  # some row records a template
+    partition: Any = False  # the windowed convolutions' row groups (`windowed_convs`); False: not yet made
+    windows_off: bool = False  # this call's UNet inputs rule windows out (ControlNet residuals, FreeU)
 
 
 class _SelfAttention:
@@ -219,8 +223,11 @@ class MaskedUNet:
     """Installs masked/recording compute into a `UNet2DConditionModel`; call it like the UNet plus `rows`."""
 
     def __init__(
-        self, unet: Any, cache: TemplateCache, store_dtype: torch.dtype | None = None
+        self, unet: Any, cache: TemplateCache, store_dtype: torch.dtype | None = None,
+        conv_halo: int | None = None,
     ) -> None:
+        """`conv_halo`: compute the latent-resolution convolution blocks of an edit only in its mask's
+        bounding box grown by this many cells (`windowed_convs`; None: in full, as before)."""
         from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
         if getattr(unet, "_stepfleet_masked", None) is not None:
@@ -248,6 +255,10 @@ class MaskedUNet:
             self._installed.append((mod, procs))
         self.block_names = [n for n, _ in mods]
         unet._stepfleet_masked = self
+        self.windows: WindowedConvs | None = None
+        if conv_halo is not None:
+            windows = WindowedConvs(self, conv_halo)
+            self.windows = windows if windows.supported else None
 
     def uninstall(self) -> None:
         for mod, procs in self._installed:
@@ -255,6 +266,9 @@ class MaskedUNet:
             for attn, proc in procs:
                 attn.set_processor(proc.original)
         self._installed.clear()
+        if self.windows is not None:
+            self.windows.uninstall()
+            self.windows = None
         self.unet._stepfleet_masked = None
 
     # -- the per-call entry points --------------------------------------------------------
@@ -286,6 +300,7 @@ class MaskedUNet:
             edit=[i for i, r in enumerate(rows) if isinstance(r, EditRow)],
             full=[i for i, r in enumerate(rows) if not isinstance(r, EditRow)],
             entries=entries,
+            records=any(isinstance(r, RecordRow) for r in rows),
         )
         self._call = call
         try:
@@ -388,11 +403,9 @@ class MaskedUNet:
             return original(x, ehs, return_dict=False, **kwargs)[0]
         b, _, h, w = x.shape
         sel = [g for g, _ in rec]
-        dtype = self.store_dtype
 
         def sink(key: str, r: RecordRow, t: torch.Tensor) -> None:
-            t = t.detach().to(device="cpu", dtype=dtype or t.dtype).contiguous()
-            call.sinks.setdefault((r.template_id, r.step), {}).setdefault(key, {})[r.cache_row] = t
+            self._sink(call, key, r, t)
 
         tokens, inner = mod._operate_on_continuous_inputs(x)
         for j, blk in enumerate(mod.transformer_blocks):
@@ -409,6 +422,12 @@ class MaskedUNet:
         for g, r in rec:
             sink(f"{name}.c", r, contrib[g].flatten(1).transpose(0, 1))
         return contrib + x
+
+    def _sink(self, call: _Call, key: str, r: RecordRow, t: torch.Tensor, keep_dtype: bool = False) -> None:
+        """Keep `t` as row `r.cache_row` of `key` in the entry the call stores for `r`'s (template, step)."""
+        dtype = None if keep_dtype else self.store_dtype
+        t = t.detach().to(device="cpu", dtype=dtype or t.dtype).contiguous()
+        call.sinks.setdefault((r.template_id, r.step), {}).setdefault(key, {})[r.cache_row] = t
 
     def _indices(
         self, call: _Call, h: int, w: int, device

@@ -2,7 +2,8 @@
 
 Templates are registered by a RECORD run; an edit with the template's settings runs on the
 cached activations ("cached"), any other by full compute ("full"), both inpainting-style.
-Every test runs for each family with masked compute (SD 1.x and SDXL).
+Every test runs for each family with masked compute (SD 1.x and SDXL), with and without windowed
+convolutions (`edits.windowed_convs`).
 """
 
 from __future__ import annotations
@@ -31,11 +32,16 @@ STEPS = 4
 CACHED, FULL = EditPath.CACHED, EditPath.FULL
 
 
-@pytest.fixture(scope="module", params=["tiny_backbone", "sdxl_backbone"])
+@pytest.fixture(scope="module", params=[("tiny_backbone", None), ("sdxl_backbone", None), ("tiny_backbone", 2),
+                                        ("sdxl_backbone", 2)],
+                ids=["sd", "sdxl", "sd-windowed", "sdxl-windowed"])
 def edit_runner(request):
-    backbone = request.getfixturevalue(request.param)
+    name, conv_halo = request.param
+    backbone = request.getfixturevalue(name)
     cache = TemplateCache(max_bytes=256 << 20)
-    edits = EditExtension(backbone, cache)
+    edits = EditExtension(backbone, cache, conv_halo=conv_halo)
+    if conv_halo is not None:
+        assert edits.masked.windows is not None  # both UNets are windowed (`edits.windowed_convs`)
     r = ModelRunner(backbone, extensions=[edits])
     r.edits = edits  # for the tests' convenience
     yield r
