@@ -63,6 +63,23 @@ def resolve_source(model: str, cache_dir: str | None = None) -> tuple[str, bool]
     return model, False
 
 
+def vae_channels_last(pipe: Any) -> None:
+    """Keep an image VAE's weights channels-last on the CPU: oneDNN's convolutions then run NHWC.
+
+    Why: the VAE decode is most of a cached edit on the CPU (issue 12), and channels-last weights
+    make it 30-36 % faster (min of 3, 2 threads: tiny-sd 512² 0.194 → 0.125 s, tiny-sd3 1024² 1.49 →
+    1.04 s; outputs within 7e-4 of the NCHW decode, float rounding of another convolution
+    algorithm). Everything that decodes shares the module (diffusers' own pipelines included), so
+    every path gets it alike. Video VAEs (3-D convolutions) keep their layout.
+    """
+    import torch
+    from diffusers import AutoencoderKL
+
+    vae = getattr(pipe, "vae", None)
+    if isinstance(vae, AutoencoderKL):
+        vae.to(memory_format=torch.channels_last)
+
+
 def load_model(
     model: str,
     device: str = "auto",
@@ -109,4 +126,6 @@ def load_model(
     for part in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
         if getattr(pipe, part, None) is not None:
             getattr(pipe, part).eval()
+    if backend.name == "cpu":
+        vae_channels_last(pipe)
     return LoadedModel(name=model, source=source, pipeline=pipe, backend=backend, family=served)

@@ -27,14 +27,9 @@ from stepfleet.serving.edits.windowed_convs import (
     mask_box,
     norm_affine,
 )
+from tests.serving.test_edits_masked_unet import LAT, inputs, rel
 
-LAT = 32  # 256×256 images
 HALO = 2
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
-
 
 @pytest.fixture(scope="module")
 def mw(tiny_model):
@@ -43,13 +38,6 @@ def mw(tiny_model):
     yield m
     m.uninstall()
     cache.close()
-
-
-def inputs(seed: int, rows: int = 2):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, 4, LAT, LAT, generator=g).expand(rows, -1, -1, -1).contiguous()
-    e = torch.randn(rows, 77, 32, generator=g)
-    return x, e
 
 
 def box_mask(y0: int, y1: int, x0: int, x1: int) -> TokenMasks:
