@@ -96,6 +96,19 @@ def channel_sums(t: torch.Tensor) -> torch.Tensor:
     return torch.stack([t.sum((2, 3)), (t * t).sum((2, 3))], 1)
 
 
+def composite_sums(whole: torch.Tensor, template_box: torch.Tensor, edit_box: torch.Tensor) -> torch.Tensor:
+    """`channel_sums` of a composite map: the template's over the whole map, with its box swapped for the edit's."""
+    return whole - channel_sums(template_box) + channel_sums(edit_box)
+
+
+def write_rows(out: torch.Tensor, rows: Sequence[int], maps: Sequence[torch.Tensor], box: Box,
+               cells: torch.Tensor) -> None:
+    """Rows `rows` of `out` become the template's `maps` with `cells` written into `box`."""
+    for k, row in enumerate(rows):
+        out[row].copy_(maps[k])
+        box.of(out[row]).copy_(cells[k])
+
+
 def norm_affine(norm: torch.nn.GroupNorm, sums: torch.Tensor, cells: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (scale, shift), (n, C) each, that apply `norm` with the statistics in `sums` over `cells` cells."""
     n, _, c = sums.shape
@@ -216,7 +229,7 @@ class Patched:
             return base, self.outside.sums(g)
         ys, xs = self.part.groups[g].box.within(region)
         crop = self.crops[g]
-        sums = self.outside.sums(g) - channel_sums(base[:, :, ys, xs]) + channel_sums(crop)
+        sums = composite_sums(self.outside.sums(g), base[:, :, ys, xs], crop)
         base[:, :, ys, xs] = crop
         return base, sums
 
@@ -229,9 +242,7 @@ class Patched:
         if self.dense is not None:
             out[list(self.part.dense)] = self.dense
         for g, group in enumerate(self.part.groups):
-            for k, (row, m) in enumerate(zip(group.rows, self.outside.maps(g), strict=True)):
-                out[row].copy_(m)
-                group.box.of(out[row]).copy_(self.crops[g][k])
+            write_rows(out, group.rows, self.outside.maps(g), group.box, self.crops[g])
         return out
 
 
@@ -366,7 +377,7 @@ class WindowedConvs:
         from stepfleet.serving.edits.masked_unet import EditRow
 
         call = self.masked._call
-        if call is None or getattr(call, "windows_off", False):
+        if call is None or call.windows_off:
             return None
         if call.partition is not False:
             return call.partition
@@ -414,7 +425,7 @@ class WindowedConvs:
                 h1 = h1 + t_all[list(group.rows)][:, :, None, None]
             ys, xs = box.within(r1)
             t1 = TemplateMaps(part, h1_key, h1)
-            sums2 = t1.sums(g) - channel_sums(t1.crop(g, box)) + channel_sums(h1[:, :, ys, xs])
+            sums2 = composite_sums(t1.sums(g), t1.crop(g, box), h1[:, :, ys, xs])
             a2 = res.nonlinearity(apply_affine(h1, *norm_affine(res.norm2, sums2, h * w)))
             h2 = conv_over(res.conv2, a2, r1, box, h, w)
             ys, xs = box.within(r2)
@@ -465,9 +476,7 @@ class WindowedConvs:
             maps = TemplateMaps(part, key, cells).maps(g)
             if out is None:
                 out = cells.new_empty((part.size, cells.shape[1], ho, wo))
-            for k, row in enumerate(group.rows):
-                out[row].copy_(maps[k])
-                o.of(out[row]).copy_(cells[k])
+            write_rows(out, group.rows, maps, o, cells)
         assert out is not None
         return out
 
