@@ -151,6 +151,7 @@ def test_models_health_ready_and_request_id(worker):
 
 def test_metrics_parse_and_count_requests(worker):
     post(worker, {"prompt": "metrics", "size": "64x64", "num_inference_steps": 2, "deadline_ms": 60000})
+    assert post(worker, {"prompt": "metrics", "size": "65x64"}).status_code == 400
     text = httpx.get(f"{worker}/metrics").text
     families = {f.name: f for f in text_string_to_metric_families(text)}
     for name in ("stepfleet_queue_depth", "stepfleet_running_batch_size", "stepfleet_step_duration_seconds",
@@ -163,7 +164,7 @@ def test_metrics_parse_and_count_requests(worker):
     met = [s for s in families["stepfleet_slo_requests"].samples if s.labels.get("outcome") == "met"]
     assert met and met[0].value >= 1
     invalid = [s for s in families["stepfleet_requests"].samples if s.labels.get("status") == "invalid"]
-    assert invalid  # the 400s above were counted
+    assert invalid and invalid[0].value >= 1  # the 400 above was counted
     ready = [s for s in families["stepfleet_worker_ready"].samples][0]
     assert ready.value == 1
 

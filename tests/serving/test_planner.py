@@ -71,6 +71,26 @@ def test_earliest_deadline_first_among_waiting():
     assert plan.batch == ("soon",)
 
 
+def test_overdue_requests_go_first_in_arrival_order():
+    p = planner(max_batch=1)
+    # Derived deadlines (4x solo service): the long request's passed at 4, the short one's at 3.
+    long_, short = seq("long", 0, steps=30, deadline=4), seq("short", 1, steps=10, deadline=3)
+    fresh = seq("fresh", 5.5, steps=10, deadline=6.5)  # still in time
+    order = [p.plan([long_, short, fresh][i:], now=6).batch for i in range(3)]
+    assert order == [("long",), ("short",), ("fresh",)]
+    # Before either is overdue, earliest deadline first: the short one overtakes.
+    assert p.plan([long_, short, fresh], now=2).batch == ("short",)
+    # Without the rule, overdue requests keep their deadline order and the long one waits.
+    edf = StepPlanner(PlannerConfig(max_batch=1, overdue_by_arrival=False), p.cost)
+    assert edf.plan([long_, short, fresh], now=6).batch == ("short",)
+
+
+def test_missed_explicit_deadlines_keep_earliest_deadline_order():
+    p = planner(max_batch=1)
+    plan = p.plan([seq("older", 1, deadline=4, explicit=True), seq("newer", 2, deadline=3, explicit=True)], now=6)
+    assert plan.batch == ("newer",)
+
+
 def test_priority_class_beats_deadline():
     p = planner(max_batch=1)
     plan = p.plan([seq("normal", 0, deadline=1), seq("vip", 5, priority=2, deadline=100)], now=6)
@@ -199,6 +219,17 @@ def test_backlog_takes_no_batch_that_gains_nothing():
     p = StepPlanner(PlannerConfig(max_batch=4), curve(((1, 0.10), (2, 0.12), (3, 0.18), (4, 0.24))))
     plan = p.plan([seq(s, 0.0) for s in "abcd"], now=5.0)  # per row 60 ms from 2 rows on: no gain
     assert plan.sizing.mode is SizingMode.BACKLOG and plan.batch == ("a", "b")
+
+
+def test_backlog_skips_a_bigger_batch_that_gains_under_backlog_min_gain():
+    # Per row 100, 65, 62.2, 61.25 ms: the fourth row gains 1.5 %, the third 4.3 %.
+    points = ((1, 0.100), (2, 0.130), (3, 0.1866), (4, 0.245))
+    p = StepPlanner(PlannerConfig(max_batch=4, backlog_min_gain=0.02), curve(points))
+    plan = p.plan([seq(s, 0.0) for s in "abcd"], now=5.0)
+    assert plan.sizing.mode is SizingMode.BACKLOG and plan.sizing.cap_rows == 3 and plan.batch == tuple("abc")
+    # With no threshold every gain counts, however small.
+    anything = StepPlanner(PlannerConfig(max_batch=4, backlog_min_gain=0.0), curve(points))
+    assert anything.plan([seq(s, 0.0) for s in "abcd"], now=5.0).batch == tuple("abcd")
 
 
 #: A flat (accelerator-like) curve: bigger batches gain a lot of throughput, and cost little latency.
