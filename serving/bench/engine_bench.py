@@ -387,6 +387,10 @@ def run(cfg: BenchConfig, quick: bool, log=lambda msg: print(msg, file=sys.stder
                 "p95": cont["p95_s"] / peer["p95_s"],
                 "throughput": cont["throughput_rps"] / peer["throughput_rps"],
             }
+            if "round_spread" in cont and "round_spread" in peer:
+                # The machine's own drift in this run: the larger of the two servers' round-to-round spreads.
+                entry["live_vs_peer"]["round_spread"] = {
+                    m: max(cont["round_spread"][m], peer["round_spread"][m]) for m in ("mean", "p95")}
             if solo_diff is None:
                 solo_diff = isolated(partial(solo_vs_mixed, runner, results, cfg))
         loads_out.append(entry)
@@ -506,7 +510,9 @@ def summary(result: dict[str, Any]) -> str:
                 b = e["live"]["continuous"]["batching"]
                 lines.append(f"           continuous ended in {b['mode']} sizing, cap {b['cap_images']} images; "
                              f"vs peer: mean {e['live_vs_peer']['mean']:.2f}x p95 {e['live_vs_peer']['p95']:.2f}x "
-                             f"thr {e['live_vs_peer']['throughput']:.2f}x")
+                             f"thr {e['live_vs_peer']['throughput']:.2f}x"
+                             + (f" (same server, round to round: mean {spread['mean']:.2f}x p95 {spread['p95']:.2f}x)"
+                                if (spread := e["live_vs_peer"].get("round_spread")) else ""))
     for load, r in result.get("live_compiled_vs_eager", {}).items():
         lines.append(f"  compiled / eager continuous at {load}: mean {r['mean']:.2f}x p95 {r['p95']:.2f}x "
                      f"thr {r['throughput']:.2f}x")

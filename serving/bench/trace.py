@@ -72,7 +72,21 @@ def pooled_stats(runs: Sequence[dict]) -> dict[str, object]:
     """
     lat = [x for r in runs for x in r["latencies_s"]]
     span = sum(r["span_s"] for r in runs)
-    return {**_stats(lat, span), "rounds": len(runs), "latencies_s": lat, "span_s": span}
+    return {**_stats(lat, span), "rounds": len(runs), "latencies_s": lat, "span_s": span,
+            "round_spread": round_spread(runs)}
+
+
+def round_spread(runs: Sequence[dict]) -> dict[str, float]:
+    """How far one server's rounds on the same trace moved apart: largest / smallest mean and p95.
+
+    Why: the rounds replay the identical trace on the identical server, so their difference is
+    the machine's drift alone. A ratio between two servers that lies within this spread is a
+    statement about the minute it ran in, not about the servers (session 11: the same server's
+    p95 moved by 1.2x in the median pair of rounds, and by up to 2x beside the noise).
+    """
+    means = [r["mean_s"] for r in runs]
+    p95s = [r["p95_s"] for r in runs]
+    return {"mean": max(means) / min(means), "p95": max(p95s) / min(p95s)}
 
 
 def latency_stats(arrivals: Sequence[float], finishes: Sequence[float]) -> dict[str, float]:

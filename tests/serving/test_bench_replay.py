@@ -59,6 +59,8 @@ def test_pooled_rounds_pool_latencies_and_sum_spans():
     assert pooled["mean_s"] == pytest.approx(10 / 5)
     assert pooled["throughput_rps"] == pytest.approx(5 / 7)
     assert pooled["p95_s"] == 4.0 and sorted(pooled["latencies_s"]) == [1.0, 1.0, 2.0, 2.0, 4.0]
+    # Round a: mean 2, p95 2; round b: mean 2, p95 4 -> the same server moved 1x in mean, 2x in p95.
+    assert pooled["round_spread"] == {"mean": pytest.approx(1.0), "p95": pytest.approx(2.0)}
 
 
 def test_live_rounds_run_every_policy_once_then_the_pair_in_alternating_order():
