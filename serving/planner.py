@@ -23,10 +23,11 @@ the queue, so it is one pure rule (`size_batch`) whose verdict and reason travel
 with nothing queueing, the batch stops growing where the measured step-cost curve gains less
 than `min_batch_gain` per row (small batches finish each request sooner); once a waiting request
 has queued longer than `backlog_wait_fraction` of its own service time, every throughput gain
-the curve offers is taken (more than `backlog_min_gain` per row), up to `max_batch` —
-under overload waiting dominates latency, and a rule that held batches small there lost to
+the curve offers is taken (more than `backlog_min_gain` per row), up to `max_batch` — under
+overload waiting dominates latency, and a rule that held batches small there lost to
 request-level batching (issue 21); and when requests with explicit deadlines would miss them,
-the batch is the one that finishes them soonest (fewest misses, then earliest completion), found by simulating the candidates.
+the batch is the one that finishes them soonest (fewest misses, then earliest completion),
+found by simulating the candidates.
 
 Preemption. When the batch is full, the most urgent candidate may pause the running
 request with the most slack: always if its priority class is higher; within a class only
