@@ -413,6 +413,7 @@ def run(cfg: BenchConfig, quick: bool, log=lambda msg: print(msg, file=sys.stder
         "max_batch": cfg.max_batch,
         "quick": quick,
         "noise": cfg.noise,
+        "slo_scale": cfg.slo_scale,
         "cost_table": _table_json(table),
         "fifo_capacity_rps": cap,
         # What the live loads are relative to: `cap`, or under `--noise` fifo's capacity measured
