@@ -33,6 +33,7 @@ from stepfleet.serving.coschedule import CoScheduleConfig
 from stepfleet.serving.costmodel import StepCostModel, cost_key, key_label
 from stepfleet.serving.params import GenerationParams
 from stepfleet.serving.planner import (
+    DEFAULT_SLO_SCALE,
     Phase,
     PlannerConfig,
     Seq,
@@ -105,7 +106,7 @@ class EngineConfig:
     static_wait_s: float = 0.5
     #: A request without `deadline_ms` is due after this many times its solo service time:
     #: it orders waiting work shortest-first while still ageing long requests in.
-    slo_scale: float = 4.0
+    slo_scale: float = DEFAULT_SLO_SCALE
     idle_poll_s: float = 0.05
     #: Changes of batch sizing and of the learned step-cost curve are logged at info at most
     #: this often (a queue at the edge of a backlog can flip the rule every step).

@@ -49,6 +49,14 @@ from stepfleet.serving.contracts import StepResult
 from stepfleet.serving.coschedule import IMAGE, CoScheduleConfig, overdue, video_yield
 from stepfleet.serving.costmodel import StepCostModel
 
+#: A request without an explicit deadline is due after this many times its solo service time
+#: (the engine's `slo_scale`). 2x, not 4x: with soft deadlines at 4x a short request kept
+#: overtaking a long one for 4 solo times before the long one became overdue, and under a noisy
+#: neighbour (where batching stops paying) that order alone cost the p95 at load 1.2 against a
+#: request-level batcher; replayed at ten seeds, 2x held every seed for 0.02-0.03 of mean
+#: latency (docs/benchmarks.md, issue 21, sessions 11-12).
+DEFAULT_SLO_SCALE = 2.0
+
 
 class Phase(enum.Enum):
     WAITING = "waiting"  # ready (prompt encoded) but never stepped

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from stepfleet.serving.backbones import FAMILIES
 from stepfleet.serving.backends import BACKENDS
+from stepfleet.serving.planner import DEFAULT_SLO_SCALE
 
 #: `auto` (the checkpoint's own, from its `model_index.json`) or a family a backbone serves.
 Family = Literal[("auto", *FAMILIES)]  # type: ignore[valid-type]
@@ -65,7 +66,10 @@ class WorkerSettings(BaseModel):
     max_queue: int = Field(default=64, ge=1, description="queued requests before answering 429")
     preemption: bool = Field(default=True, description="let urgent requests overtake at step boundaries")
     policy: str = Field(default="continuous", description="continuous or static batching")
-    slo_scale: float = Field(default=4.0, gt=0)
+    slo_scale: float = Field(
+        default=DEFAULT_SLO_SCALE, gt=0,
+        description="a request without deadline_ms is due after this many times its solo service time",
+    )
     slo_image_s: float | None = Field(
         default=None, gt=0, description="deadline of an image request without deadline_ms, seconds (per-kind SLO)"
     )

@@ -34,9 +34,9 @@ def main(argv: list[str]) -> int:
                      help="run a CPU-bound competing process on one core during the live runs")
     eng.add_argument("--no-live-baselines", action="store_true",
                      help="live, run only the compared pair (peer, continuous); fifo and static are still replayed")
-    eng.add_argument("--slo-scale", type=float, default=4.0,
+    eng.add_argument("--slo-scale", type=float, default=None,
                      help="soft deadline of a request without deadline_ms, in solo service times (the engine's "
-                          "slo_scale), live and replayed")
+                          "slo_scale, default 2), live and replayed")
     rtr = sub.add_parser("router", help="router added latency on loopback; predicted vs round-robin vs least-requests")
     rtr.add_argument("--json", action="store_true", help="print the JSON result on stdout")
     rtr.add_argument("--quick", action="store_true", help="fewer segments and a shorter simulation (< 2 min)")
@@ -201,7 +201,8 @@ def main(argv: list[str]) -> int:
                     else (1.2,) if args.quick else (0.7, 1.2, 2.0)),
         replay_requests=1000 if args.quick else 2000,
         live_rounds=args.live_rounds or (1 if args.quick else 2),
-        live_baselines=not args.no_live_baselines, slo_scale=args.slo_scale,
+        live_baselines=not args.no_live_baselines,
+        **({} if args.slo_scale is None else {"slo_scale": args.slo_scale}),
     )
     result = run(cfg, quick=args.quick)
     print(summary(result), file=sys.stderr)

@@ -46,6 +46,7 @@ from stepfleet.serving.bench.edit_replay import (
 from stepfleet.serving.bench.live import drive, isolated, serve_one_at_a_time
 from stepfleet.serving.bench.trace import latency_stats
 from stepfleet.serving.calibration import interleaved_min
+from stepfleet.serving.planner import DEFAULT_SLO_SCALE
 
 RATIOS = (0.1, 0.25, 0.5)
 TEMPLATE_ID = "bench-template"
@@ -60,7 +61,7 @@ class EditBenchConfig:
     scheduler: str = "ddim"
     seed: int = 3  # the template's seed; a cached edit shares its template's settings, seed included
     max_batch: int = 4
-    slo_scale: float = 4.0
+    slo_scale: float = DEFAULT_SLO_SCALE
     load: float = 0.9
     reps: int = 3  # interleaved rounds for per-request latency
     cost_reps: int = 2

@@ -21,7 +21,7 @@ import numpy as np
 from stepfleet.serving.bench.replay import simulate_step_loop
 from stepfleet.serving.bench.trace import latency_stats
 from stepfleet.serving.costmodel import StepCostModel
-from stepfleet.serving.planner import PlannerConfig, StepPlanner
+from stepfleet.serving.planner import DEFAULT_SLO_SCALE, PlannerConfig, StepPlanner
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ def replay_edit_engine(
     steps: int,
     cached: bool,
     config: PlannerConfig,
-    slo_scale: float = 4.0,
+    slo_scale: float = DEFAULT_SLO_SCALE,
     shape: tuple[int, int, int] = (4, 64, 64),
 ) -> dict[str, float]:
     """The engine's step loop (the same `StepPlanner`) on simulated time; encode/decode serialised with steps."""

@@ -61,7 +61,7 @@ from stepfleet.serving.bench.trace import (
 from stepfleet.serving.calibration import curve_steps, interleaved_min
 from stepfleet.serving.engine import Engine, EngineConfig
 from stepfleet.serving.params import GenerationParams
-from stepfleet.serving.planner import PlannerConfig
+from stepfleet.serving.planner import DEFAULT_SLO_SCALE, PlannerConfig
 
 if TYPE_CHECKING:
     from stepfleet.serving.engine import EngineResult
@@ -97,7 +97,7 @@ class BenchConfig:
     max_batch: int = 4
     guidance_scale: float = 7.5
     static_wait_s: float = 0.5
-    slo_scale: float = 4.0
+    slo_scale: float = DEFAULT_SLO_SCALE
     seed: int = 7
     live_requests: int = 40
     replay_requests: int = 2000

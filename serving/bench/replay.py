@@ -17,7 +17,14 @@ from dataclasses import dataclass
 from stepfleet.serving.bench.trace import TraceRequest, latency_stats
 from stepfleet.serving.contracts import StepResult
 from stepfleet.serving.costmodel import StepCostModel
-from stepfleet.serving.planner import PlannerConfig, Seq, StepPlanner, apply_plan, update
+from stepfleet.serving.planner import (
+    DEFAULT_SLO_SCALE,
+    PlannerConfig,
+    Seq,
+    StepPlanner,
+    apply_plan,
+    update,
+)
 
 
 @dataclass(frozen=True)
@@ -104,7 +111,7 @@ def replay_engine(
     table: CostTable,
     config: PlannerConfig,
     guidance_rows: int = 2,
-    slo_scale: float = 4.0,
+    slo_scale: float = DEFAULT_SLO_SCALE,
     shape: tuple[int, int, int] = (4, 32, 32),
 ) -> dict[str, float]:
     """Simulate the step loop under `config` (continuous or static) on the measured costs.
@@ -135,7 +142,7 @@ def simulate_step_loop(
     step_s: Callable[[Sequence[str]], float],
     shape: tuple[int, int, int],
     unet_rows: int = 2,
-    slo_scale: float = 4.0,
+    slo_scale: float = DEFAULT_SLO_SCALE,
     learn: bool = False,
 ) -> dict[str, float]:
     """The engine's step loop on simulated time: arrivals, one plan per step, retirements.
