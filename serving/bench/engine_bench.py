@@ -231,6 +231,36 @@ def fifo_probe_rps(model: LoadedModel, cfg: BenchConfig, schedulers: Sequence[st
     return float(run_live_fifo(model, backlog, cfg)["throughput_rps"])
 
 
+def probe_step_s(runner: ModelRunner, cfg: BenchConfig, scheduler: str, steps: int = 8) -> float:
+    """The machine's speed now: median seconds of one single-image denoising step.
+
+    Timed just before each live round, so a comparison can be read against how fast the
+    machine was while each server ran. Why: on these VMs the same step moved from 34 to 54 ms
+    within twenty minutes (session 12), larger than the margins being measured; a ratio taken
+    in a slow minute for one server and a fast one for the other is the minute, not the server.
+    """
+    probe = TraceRequest(id="speed-probe", arrival_s=0.0, steps=steps + 1, scheduler=scheduler, seed=0,
+                         prompt="speed probe")
+    state = runner.prepare(_params(probe, cfg), probe.seed).state
+    runner.step([state])  # warm: the first step after a pause is slower
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        runner.step([state])
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def machine_during(runs: dict[str, list[dict[str, Any]]], policy: str, baseline: str) -> dict[str, float] | None:
+    """Mean probe step time during `policy`'s rounds and `baseline`'s, and their ratio (> 1: slower for policy)."""
+    a = [r["probe_step_s"] for r in runs.get(policy, []) if "probe_step_s" in r]
+    b = [r["probe_step_s"] for r in runs.get(baseline, []) if "probe_step_s" in r]
+    if not a or not b:
+        return None
+    ma, mb = statistics.fmean(a), statistics.fmean(b)
+    return {f"{policy}_probe_s": ma, f"{baseline}_probe_s": mb, f"{policy}_vs_{baseline}": ma / mb}
+
+
 def run_live_peer(model: LoadedModel, trace: Sequence[TraceRequest], cfg: BenchConfig) -> dict[str, float]:
     """Ray Serve / LitServe-style dynamic batching around the plain pipeline (see the module docstring).
 
@@ -283,8 +313,11 @@ def run_live_engine(
 
 
 def pool_rounds(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """One policy's live rounds as one row (`trace.pooled_stats`), keeping how the last engine run ended."""
+    """One policy's live rounds as one row (`trace.pooled_stats`), keeping how the last engine run ended
+    and the machine's speed before each round (`probe_step_s`)."""
     out: dict[str, Any] = dict(runs[0]) if len(runs) == 1 else pooled_stats(runs)
+    if any("probe_step_s" in r for r in runs):
+        out["probe_step_s"] = [r.get("probe_step_s") for r in runs]
     if "batching" in runs[-1]:
         out["batching"] = runs[-1]["batching"]
     return out
@@ -360,6 +393,7 @@ def run(cfg: BenchConfig, quick: bool, log=lambda msg: print(msg, file=sys.stder
                 for rnd, policy in live_order(cfg.live_rounds, cfg.live_baselines):
                     log(f"load {load}: live {policy}" + (f", round {rnd + 1}" if cfg.live_rounds > 1 else "")
                         + (f" ({len(trace)} requests{', noise' if cfg.noise else ''})" if not runs else "") + " ...")
+                    probe = isolated(partial(probe_step_s, runner, cfg, mix[0]))
                     if policy == "fifo":
                         stats = run_live_fifo(model, trace, cfg)
                     elif policy == "peer":
@@ -369,7 +403,7 @@ def run(cfg: BenchConfig, quick: bool, log=lambda msg: print(msg, file=sys.stder
                     else:
                         stats, kept = run_live_engine(runner, trace, cfg, "continuous", table, keep_latents=not results)
                         results = results or kept
-                    runs.setdefault(policy, []).append(stats)
+                    runs.setdefault(policy, []).append({**stats, "probe_step_s": probe})
                 if compiled_runner is not None and compiled_table is not None:
                     log(f"load {load}: live continuous, compiled ...")
                     runs["compiled"] = [run_live_engine(compiled_runner, trace, cfg, "continuous", compiled_table)[0]]
@@ -391,6 +425,8 @@ def run(cfg: BenchConfig, quick: bool, log=lambda msg: print(msg, file=sys.stder
                 # The machine's own drift in this run: the larger of the two servers' round-to-round spreads.
                 entry["live_vs_peer"]["round_spread"] = {
                     m: max(cont["round_spread"][m], peer["round_spread"][m]) for m in ("mean", "p95")}
+            if (during := machine_during(runs, "continuous", "peer")) is not None:
+                entry["live_vs_peer"]["machine"] = during
             if solo_diff is None:
                 solo_diff = isolated(partial(solo_vs_mixed, runner, results, cfg))
         loads_out.append(entry)
@@ -513,7 +549,9 @@ def summary(result: dict[str, Any]) -> str:
                              f"vs peer: mean {e['live_vs_peer']['mean']:.2f}x p95 {e['live_vs_peer']['p95']:.2f}x "
                              f"thr {e['live_vs_peer']['throughput']:.2f}x"
                              + (f" (same server, round to round: mean {spread['mean']:.2f}x p95 {spread['p95']:.2f}x)"
-                                if (spread := e["live_vs_peer"].get("round_spread")) else ""))
+                                if (spread := e["live_vs_peer"].get("round_spread")) else "")
+                             + (f"; machine during continuous / peer rounds {m['continuous_vs_peer']:.2f}x"
+                                if (m := e["live_vs_peer"].get("machine")) else ""))
     for load, r in result.get("live_compiled_vs_eager", {}).items():
         lines.append(f"  compiled / eager continuous at {load}: mean {r['mean']:.2f}x p95 {r['p95']:.2f}x "
                      f"thr {r['throughput']:.2f}x")

@@ -97,3 +97,38 @@ def test_the_fifo_probe_serves_each_step_count_of_the_mix_back_to_back():
     assert {s for _, s in calls[1:]} == {"DDIMScheduler", "EulerDiscreteScheduler"}
     assert 0 < rate <= 1 / 0.01  # six calls of at least 10 ms each, served one after another
     assert isinstance(pipe.scheduler, DDIMScheduler)  # the model's own scheduler is put back
+
+
+def test_the_speed_probe_times_single_image_steps_after_a_warm_step():
+    """`bench engine` times the machine before each live round; the warm-up step is not counted."""
+    import time
+    from types import SimpleNamespace
+
+    from stepfleet.serving.bench.engine_bench import BenchConfig, probe_step_s
+
+    sleeps = iter([0.2] + [0.01] * 8)
+    stepped: list[int] = []
+
+    class Runner:
+        def prepare(self, params, seed):
+            assert params.num_inference_steps == 9 and params.scheduler == "euler"
+            return SimpleNamespace(state="s")
+
+        def step(self, batch):
+            stepped.append(len(batch))
+            time.sleep(next(sleeps))
+
+    s = probe_step_s(Runner(), BenchConfig(size=64), "euler")
+    assert stepped == [1] * 9  # one image per step: one warm-up, eight timed
+    assert 0.01 <= s < 0.1  # the slow warm-up step is left out of the median
+
+
+def test_machine_during_compares_the_probe_over_each_servers_rounds():
+    from stepfleet.serving.bench.engine_bench import machine_during
+
+    runs = {"peer": [{"probe_step_s": 0.030}, {"probe_step_s": 0.050}],
+            "continuous": [{"probe_step_s": 0.060}, {"probe_step_s": 0.060}]}
+    m = machine_during(runs, "continuous", "peer")
+    assert m == {"continuous_probe_s": pytest.approx(0.06), "peer_probe_s": pytest.approx(0.04),
+                 "continuous_vs_peer": pytest.approx(1.5)}
+    assert machine_during({"peer": [{}], "continuous": [{"probe_step_s": 0.1}]}, "continuous", "peer") is None
