@@ -236,7 +236,7 @@ def probe_step_s(runner: ModelRunner, cfg: BenchConfig, scheduler: str, steps: i
 
     Timed just before each live round, so a comparison can be read against how fast the
     machine was while each server ran. Why: on these VMs the same step moved from 34 to 54 ms
-    within twenty minutes (session 12), larger than the margins being measured; a ratio taken
+    within nine minutes (session 12), larger than the margins being measured; a ratio taken
     in a slow minute for one server and a fast one for the other is the minute, not the server.
     """
     probe = TraceRequest(id="speed-probe", arrival_s=0.0, steps=steps + 1, scheduler=scheduler, seed=0,
